@@ -1,0 +1,45 @@
+"""The `spheregen` command. Each module that owns commands exposes `add_commands(subparsers)`;
+this file only wires them together and turns `UserError` into one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# Modules that register subcommands, in the order they appear in --help.
+COMMAND_MODULES = ["data", "train_cli", "sample_cli", "edit_cli", "metrics", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spheregen", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"spheregen.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"spheregen.{name}":
+                continue  # that part of the library is not built yet
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"spheregen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spheregen: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Hyperspherical geometry: the one place where "every token lies on the sphere" is written.
+
+- `project(z, R)`    N_R(z) = R z / max(||z||_2, eps) per token (SphereAR, Sec. 3.2 and App. A).
+- `spherify(z)`      global RMS normalisation, ||f(z)|| = sqrt(L) per sample (Sphere Encoder, Eq. 1).
+- `PowerSpherical`   the Power Spherical distribution (De Cao & Aziz, 2020), the S-VAE posterior.
+- `HypersphericalUniform` the uniform prior on S^{d-1}.
+
+Numerics: all distribution math runs in fp32 (fp64 for Gamma draws, lgamma and digamma) whatever the
+input dtype, and results come back in the input dtype, so bf16 / fp16 inputs under autocast work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import Distribution, constraints
+from torch.distributions.kl import register_kl
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def project(z: torch.Tensor, radius: float, eps: float = 1e-7) -> torch.Tensor:
+    """N_R(z) = R z / max(||z||_2, eps) over the last dimension (SphereAR App. A, footnote 3)."""
+    zf = z.to(_compute_dtype(z.dtype))
+    norm = zf.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return (radius * zf / norm).to(z.dtype)
+
+
+def spherify(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """f(z) = z / sqrt(mean(z^2) + eps), the mean over all non-batch dims (Sphere Encoder Eq. 1).
+
+    For z with L = prod(z.shape[1:]) elements per sample, ||f(z)||_2 = sqrt(L) (up to eps).
+    """
+    zf = z.to(_compute_dtype(z.dtype))
+    dims = tuple(range(1, z.dim()))
+    return (zf * torch.rsqrt(zf.pow(2).mean(dim=dims, keepdim=True) + eps)).to(z.dtype)
+
+
+def log_sphere_area(dim: int) -> float:
+    """log |S^{dim-1}| = log 2 + (dim/2) log pi - lgamma(dim/2), the surface area of the unit sphere in R^dim."""
+    return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
+
+
+class HypersphericalUniform(Distribution):
+    """Uniform distribution on the unit sphere S^{dim-1} in R^dim (dim is the ambient dimension)."""
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, dim: int, batch_shape: torch.Size = torch.Size(), device=None,
+                 dtype: torch.dtype = torch.float32, validate_args=None):
+        if dim < 2:
+            raise ValueError(f"HypersphericalUniform needs dim >= 2, got {dim}")
+        self.dim, self.device, self.dtype = dim, device, dtype
+        super().__init__(torch.Size(batch_shape), torch.Size([dim]), validate_args=validate_args)
+
+    @property
+    def support(self):
+        return constraints.real_vector
+
+    def sample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        x = torch.randn(shape, device=self.device, dtype=torch.float32, generator=generator)
+        return project(x, 1.0).to(self.dtype)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.full(value.shape[:-1], -log_sphere_area(self.dim), dtype=value.dtype, device=value.device)
+
+    def entropy(self) -> torch.Tensor:
+        return torch.full(self.batch_shape, log_sphere_area(self.dim), dtype=self.dtype, device=self.device)
+
+
+class PowerSpherical(Distribution):
+    """Power Spherical PS(mu, kappa) on S^{d-1}:  p(u) = C(kappa, d) (1 + mu^T u)^kappa.
+
+    With alpha = (d-1)/2 + kappa and beta = (d-1)/2 (De Cao & Aziz 2020, Eq. 3-4):
+      log C = -[(alpha+beta) log 2 + beta log pi + lgamma(alpha) - lgamma(alpha+beta)]
+      t = mu^T u ~ 2 Beta(alpha, beta) - 1,   E[u] = (alpha-beta)/(alpha+beta) mu
+      H = -[log C + kappa (log 2 + digamma(alpha) - digamma(alpha+beta))]
+      KL(PS || U(S^{d-1})) = -H + log |S^{d-1}|
+    `loc` (unit vectors) has shape [..., d]; `scale` (kappa >= 0) must have shape loc.shape[:-1].
+    """
+
+    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.nonnegative}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
+        if loc.dim() < 1 or loc.shape[-1] < 2:
+            raise ValueError(f"PowerSpherical loc must have a last dimension >= 2, got shape {tuple(loc.shape)}")
+        if scale.shape != loc.shape[:-1]:
+            raise ValueError(
+                f"PowerSpherical scale must have shape loc.shape[:-1] = {tuple(loc.shape[:-1])}, "
+                f"got {tuple(scale.shape)} (squeeze a trailing 1?)"
+            )
+        self.loc, self.scale = loc, scale
+        self.dim = loc.shape[-1]
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
+
+    # -- parameters in compute precision ----------------------------------------------------------
+    def _ab(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        beta = torch.full_like(self.scale, (self.dim - 1) / 2, dtype=dtype)
+        return self.scale.to(dtype) + beta, beta
+
+    @property
+    def mean(self) -> torch.Tensor:
+        alpha, beta = self._ab(torch.float32)
+        m = ((alpha - beta) / (alpha + beta)).unsqueeze(-1) * self.loc.float()
+        return m.to(self.loc.dtype)
+
+    def _log_normalizer64(self) -> torch.Tensor:
+        alpha, beta = self._ab()
+        return -((alpha + beta) * math.log(2) + beta * math.log(math.pi) + torch.lgamma(alpha) - torch.lgamma(alpha + beta))
+
+    def _entropy64(self) -> torch.Tensor:
+        alpha, beta = self._ab()
+        kappa = self.scale.to(torch.float64)
+        return -(self._log_normalizer64() + kappa * (math.log(2) + torch.digamma(alpha) - torch.digamma(alpha + beta)))
+
+    def log_normalizer(self) -> torch.Tensor:
+        return self._log_normalizer64().to(self.scale.dtype)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        cdt = _compute_dtype(value.dtype)
+        dot = (self.loc.to(cdt) * value.to(cdt)).sum(-1)
+        out = self._log_normalizer64().to(cdt) + self.scale.to(cdt) * torch.log1p(dot)
+        return out.to(value.dtype)
+
+    def entropy(self) -> torch.Tensor:
+        return self._entropy64().to(self.scale.dtype)
+
+    def kl_to_uniform(self) -> torch.Tensor:
+        """KL(PS(mu, kappa) || U(S^{d-1})) = log|S^{d-1}| - H(PS), >= 0, zero at kappa = 0."""
+        return (log_sphere_area(self.dim) - self._entropy64()).to(self.scale.dtype)
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def rsample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None):
+        """Reparameterised draw: t = 2 Beta(alpha, beta) - 1 along e1, a uniform tangent direction v,
+        y = [t, sqrt(1 - t^2) v], then an orthogonal reflection taking e1 to mu.
+
+        Beta(a, b) = X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b) (fp64, implicit reparameterisation),
+        so t = (X - Y)/(X + Y) and sqrt(1 - t^2) = 2 sqrt(XY)/(X + Y) without cancellation at large kappa.
+        The reflection is chosen per sample to stay well conditioned: for mu_1 >= 0 use
+        u -> -(I - 2 w w^T) y with w = (e1 + mu)/||e1 + mu||, else (I - 2 w w^T) y with w = (e1 - mu)/||.||.
+        Both map e1 to mu, and the law of v is rotation invariant, so either gives PS(mu, kappa).
+        """
+        shape = self._extended_shape(torch.Size(sample_shape))
+        out_dtype, cdt = self.loc.dtype, _compute_dtype(self.loc.dtype)
+        alpha, beta = self._ab()
+        alpha, beta = alpha.expand(shape[:-1]), beta.expand(shape[:-1])
+        x = torch._standard_gamma(alpha, generator=generator)  # differentiable in alpha (implicit grad)
+        y = torch._standard_gamma(beta, generator=generator)
+        s = x + y
+        t = ((x - y) / s).to(cdt).unsqueeze(-1)
+        r = (2 * torch.sqrt(x * y) / s).to(cdt).unsqueeze(-1)
+        v = torch.randn(shape[:-1] + (self.dim - 1,), device=self.loc.device, dtype=cdt, generator=generator)
+        v = project(v, 1.0)
+        sample = torch.cat([t, r * v], dim=-1)
+
+        mu = self.loc.to(cdt).expand(shape)
+        flip = (mu[..., :1] >= 0).to(cdt)  # 1 -> reflect through e1 + mu and negate
+        sign = 1 - 2 * flip  # -1 or +1
+        e1 = torch.zeros_like(mu)
+        e1[..., 0] = 1
+        w = project(e1 - sign * mu, 1.0)  # e1 + mu if flip else e1 - mu
+        reflected = sample - 2 * (sample * w).sum(-1, keepdim=True) * w
+        return (sign * reflected).to(out_dtype)
+
+    def sample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None):
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator=generator)
+
+
+@register_kl(PowerSpherical, HypersphericalUniform)
+def _kl_powerspherical_uniform(p: PowerSpherical, q: HypersphericalUniform) -> torch.Tensor:
+    if p.dim != q.dim:
+        raise ValueError(f"KL between spheres of different dimension: {p.dim} vs {q.dim}")
+    return p.kl_to_uniform()
