@@ -85,7 +85,9 @@ def write_dataset(
         else:
             os.replace(tmp, out)
     except OSError as e:
-        raise UserError(f"cannot write the dataset to {out}: {e.strerror or e}; check the path and free space")
+        reason = e.strerror or e
+        msg = f"cannot write the dataset to {out}: {reason}; check the path and free space"
+        raise UserError(msg) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -126,7 +128,7 @@ def center_square_resize(im: Image.Image, size: int) -> Image.Image:
     w, h = im.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
-    return im.resize((size, size), LANCZOS, box=(left, top, left + s, top + s), reducing_gap=3.0)
+    return im.crop((left, top, left + s, top + s)).resize((size, size), LANCZOS, reducing_gap=3.0)
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -331,7 +333,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         missing = [n for n in DATASET_FILES if not (self.root / n).is_file()]
         if missing:
-            raise UserError(f"{self.root} is not a complete spheregen dataset (missing {', '.join(missing)}); "
+            raise UserError(f"{self.root} is not a complete spheregen dataset "
+                            f"(missing {', '.join(missing)}); "
                             f"build it with `spheregen data mnist|emoji|folder ... --out {self.root}`")
         if split not in ("all", "train", "test"):
             raise UserError(f"split must be 'all', 'train' or 'test', got {split!r}")
@@ -342,12 +345,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self.all_labels = np.load(self.root / "labels.npy")
         n, h, w, c = self._memmap().shape
         if len(self.all_labels) != n:
-            raise UserError(f"{self.root}: images.npy and labels.npy disagree ({n} vs {len(self.all_labels)}); "
-                            f"rebuild it with `spheregen data ...`")
+            raise UserError(f"{self.root}: images.npy and labels.npy disagree "
+                            f"({n} vs {len(self.all_labels)}); rebuild it with `spheregen data ...`")
         self.num_classes, self.image_size, self.channels, self.flip = len(self.classes), h, c, flip
         perm = np.random.RandomState(0).permutation(n)
         n_test = int(round(n * test_fraction))
-        parts = {"all": np.arange(n), "train": np.sort(perm[: n - n_test]), "test": np.sort(perm[n - n_test:])}
+        train, test = np.sort(perm[: n - n_test]), np.sort(perm[n - n_test:])
+        parts = {"all": np.arange(n), "train": train, "test": test}
         self.indices: np.ndarray = parts[split]
         self.labels: np.ndarray = self.all_labels[self.indices]
 

@@ -1,0 +1,151 @@
+"""Checkpoint directories: `config.json`, `model.safetensors`, `ema.safetensors`, `train_state.pt`.
+
+Every directory is written under a temporary name and renamed into place, so a kill at any moment leaves
+either the previous complete checkpoint or the new complete one, never a half-written one that looks done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
+_REGISTRY: dict[str, type] = {}
+
+
+def register_model(name: str):
+    """Class decorator: lets `load_model(dir)` rebuild a model from the `model_type` in its config.json."""
+
+    def wrap(cls):
+        cls.model_type = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; clone tied tensors so each key owns its data
+    state, seen = {}, set()
+    for k, v in module.state_dict().items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        state[k] = v.detach().clone().contiguous() if ptr in seen else v.detach().contiguous()
+        seen.add(ptr)
+    return state
+
+
+def write_dir_atomically(final: Path, write: Any) -> None:
+    """Call write(tmp_dir), fsync the files, then rename tmp_dir to `final` (replacing an old one)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model_dir(path: Path, model: torch.nn.Module, config: dict[str, Any],
+                   ema: torch.nn.Module | None = None, train_state: dict | None = None) -> None:
+    """Write a complete checkpoint directory atomically."""
+
+    def write(tmp: Path):
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(_state_for_save(model), str(tmp / MODEL_FILE))
+        if ema is not None:
+            save_file(_state_for_save(ema), str(tmp / EMA_FILE))
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+
+    write_dir_atomically(Path(path), write)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir() or not cfg_file.is_file():
+        raise UserError(f"{path} is not a spheregen checkpoint directory (no {CONFIG_FILE}); "
+                        "point to a run's checkpoints/step_* directory or a save_pretrained() directory")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{cfg_file} is corrupt (not valid JSON); use another checkpoint") from None
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+        raise UserError(f"{file} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from None
+
+
+def load_weights(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The raw weights, overlaid with the EMA weights (which may cover a subset of keys) when asked."""
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file():
+        raise UserError(f"{path} has no {MODEL_FILE}; the checkpoint is incomplete, use another one")
+    weights = _load_safetensors(path / MODEL_FILE)
+    if use_ema and (path / EMA_FILE).is_file():
+        weights.update(_load_safetensors(path / EMA_FILE))
+    return weights
+
+
+def load_model(path: str | Path, use_ema: bool = True, expect: str | None = None) -> torch.nn.Module:
+    """Rebuild any registered model from a checkpoint directory (EMA weights when present)."""
+    config = read_config(path)
+    kind = config.get("model_type")
+    if kind not in _REGISTRY:
+        raise UserError(f"{path} holds a model of unknown type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+    if expect is not None and kind != expect:
+        raise UserError(f"{path} holds a {kind} checkpoint, but a {expect} checkpoint is needed here")
+    return _REGISTRY[kind].from_pretrained(path, use_ema=use_ema)
+
+
+class PretrainedMixin:
+    """Hugging Face style `save_pretrained(dir)` / `from_pretrained(dir)` for models whose __init__ takes
+    one dataclass config (class attribute `config_class`)."""
+
+    config_class: type
+    model_type: str
+
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> None:
+        from .config import to_dict
+
+        config = {"model_type": self.model_type, "model": to_dict(self.config), **(extra or {})}
+        save_model_dir(Path(path), self, config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, use_ema: bool = True, map_location: str = "cpu"):
+        from .config import from_dict
+
+        config = read_config(path)
+        if config.get("model_type") != cls.model_type:
+            raise UserError(f"{path} holds a {config.get('model_type')} checkpoint, not a {cls.model_type}")
+        model = cls(from_dict(cls.config_class, config["model"]))
+        weights = load_weights(path, use_ema=use_ema)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{path} does not match its config (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}); the config and weights come from different models")
+        return model.to(map_location)

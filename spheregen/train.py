@@ -1,0 +1,424 @@
+"""One training loop for every model: AdamW, warmup + cosine, EMA, grad clip, accumulation, AMP, resume.
+
+A model plugs in by defining
+    training_loss(batch, step) -> (loss, {"term": tensor, ...})
+and, optionally,
+    param_groups(weight_decay) -> list[dict]          custom optimizer groups (default: decay on >= 2-D weights)
+    discriminator: nn.Module + discriminator_loss(batch, step) -> (loss, terms)   a second AdamW (GANs)
+    ema_exclude: tuple[str, ...]                       name prefixes kept out of the EMA
+A dataset plugs in with `__len__` and `get_batch(indices, flip_mask) -> batch` (tensors or tuples of them).
+
+Exact resume: the data order is a pure function of (seed, epoch), the position is saved, and the torch,
+numpy and python RNG states travel in train_state.pt, so k steps + resume gives bitwise the same weights
+as one uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import STATE_FILE, load_weights, read_config, save_model_dir
+from .config import to_dict
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch per optimizer step (split over grad_accum micro-batches)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0  # cosine decays from lr to min_lr
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.0  # 0 disables the EMA
+    disc_lr: float = 1e-4
+    flip: bool = False  # random horizontal flips (drawn from the data generator)
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 20  # consecutive non-finite steps before aborting
+    logger: str = "csv"  # "csv" or "tensorboard" (also writes the CSV)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 to 1 over warmup_steps, then cosine decay to min_lr / lr at cfg.steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def default_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay only on parameters with >= 2 dimensions (matrices, conv kernels)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class EpochSampler:
+    """Deterministic batches: epoch e is a permutation (and flip mask) drawn from seed (seed, e).
+    Batches that would straddle the end of an epoch start the next epoch instead (drop-last)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, flip: bool, rank: int = 0, world: int = 1):
+        if n < batch_size:
+            raise UserError(f"the dataset has {n} items, fewer than the batch size {batch_size}; lower train.batch_size")
+        self.n, self.batch_size, self.seed, self.flip = n, batch_size, seed, flip
+        self.rank, self.world = rank, world
+        self.epoch, self.pos = 0, 0
+        self._load_epoch()
+
+    def _load_epoch(self) -> None:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.perm = torch.randperm(self.n, generator=g)
+        self.flips = torch.rand(self.n, generator=g) < 0.5 if self.flip else torch.zeros(self.n, dtype=torch.bool)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch's indices and flip mask; rank r of `world` gets its contiguous slice."""
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._load_epoch()
+        sl = slice(self.pos, self.pos + self.batch_size)
+        self.pos += self.batch_size
+        idx, flips = self.perm[sl], self.flips[sl]
+        per = self.batch_size // self.world
+        return idx[self.rank * per:(self.rank + 1) * per], flips[self.rank * per:(self.rank + 1) * per]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._load_epoch()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary `.step_*` dirs are never listed)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    dirs = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+
+
+class Trainer:
+    """Runs `cfg.steps` optimizer steps of `model` on `dataset`, writing checkpoints and logs to `run_dir`."""
+
+    def __init__(self, model: torch.nn.Module, dataset: Any, cfg: TrainConfig, run_dir: str | Path,
+                 config_dict: dict | None = None, eval_fn: Callable[[torch.nn.Module, int, Path], dict] | None = None,
+                 device: str | torch.device | None = None, progress: bool = True):
+        self.cfg, self.run_dir, self.eval_fn, self.progress = cfg, Path(run_dir), eval_fn, progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.batch_size % cfg.grad_accum:
+            raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by train.grad_accum {cfg.grad_accum}")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.config_dict = dict(config_dict or {})
+        self.config_dict["train"] = to_dict(cfg)
+        disc = getattr(model, "discriminator", None)
+        gen_params = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else None
+        if gen_params is None:
+            gen_module = _without(model, "discriminator") if disc is not None else model
+            gen_params = default_param_groups(gen_module, cfg.weight_decay)
+        betas = (cfg.beta1, cfg.beta2)
+        for g in gen_params:
+            g.setdefault("lr_scale", 1.0)
+            g["lr"] = cfg.lr * g["lr_scale"]
+        self.opt = torch.optim.AdamW(gen_params, lr=cfg.lr, betas=betas)
+        self.disc_opt = None
+        if disc is not None:
+            self.disc_opt = torch.optim.AdamW(default_param_groups(disc, cfg.weight_decay), lr=cfg.disc_lr, betas=betas)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            exclude = tuple(getattr(model, "ema_exclude", ("discriminator.",)))
+            self.ema_names = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(exclude)]
+            self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(self.ema_names)}
+        self.sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.flip)
+        self.step, self.bad_steps = 0, 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the model carrying the EMA weights (the model itself when there is no EMA)."""
+        if self.ema is None:
+            return self.model
+        m = copy.deepcopy(self.model)
+        with torch.no_grad():
+            params = dict(m.named_parameters())
+            for n, v in self.ema.items():
+                params[n].copy_(v)
+        return m
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step, "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+            "rng": _rng_state(), "bad_steps": self.bad_steps,
+            "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt else None,
+        }
+        ema_module = _TensorDict(self.ema) if self.ema is not None else None
+        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        config = {"model_type": getattr(self.model, "model_type", None), **self.config_dict}
+        save_model_dir(path, self.model, config, ema=ema_module, train_state=state)
+        for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+            _rmtree(old)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore from `path` or the newest loadable checkpoint of run_dir; False if there is none."""
+        candidates = [Path(path)] if path else list(reversed(list_checkpoints(self.run_dir)))
+        for ckpt in candidates:
+            try:
+                saved = read_config(ckpt)
+                weights = load_weights(ckpt)
+                state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+            except (UserError, OSError, RuntimeError, EOFError) as e:
+                if path:
+                    raise UserError(f"cannot resume from {ckpt}: {e}") from None
+                print(f"skipping unreadable checkpoint {ckpt}: {e}")
+                continue
+            if saved.get("model") != self.config_dict.get("model"):
+                raise UserError(f"{ckpt} was trained with a different model config; resume with the run's own "
+                                "config or start a new run directory")
+            self.model.load_state_dict(weights)
+            if self.ema is not None:
+                ema_w = load_weights(ckpt, use_ema=True)
+                self.ema = {n: ema_w[n].to(self.device).clone() for n in self.ema_names}
+            self.opt.load_state_dict(state["optimizer"])
+            if self.disc_opt is not None and state.get("disc_optimizer"):
+                self.disc_opt.load_state_dict(state["disc_optimizer"])
+            self.sampler.load_state_dict(state["sampler"])
+            _set_rng_state(state["rng"])
+            self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+            print(f"resumed from {ckpt} at step {self.step}")
+            return True
+        if path is None and candidates == []:
+            return False
+        raise UserError(f"no loadable checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        f = lr_factor(self.step, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * g.get("lr_scale", 1.0) * f
+        return self.cfg.lr * f
+
+    def _micro_batches(self) -> list:
+        idx, flips = self.sampler.next()
+        n = self.cfg.grad_accum
+        return [to_device(self.dataset.get_batch(i, f), self.device) for i, f in zip(idx.chunk(n), flips.chunk(n))]
+
+    def _optimize(self, opt, loss_fn, params, batches) -> tuple[dict[str, float], float, bool]:
+        """Accumulate gradients over micro-batches, clip, and step; skip the step if anything is non-finite."""
+        opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for batch in batches:
+            with self.autocast:
+                loss, terms = loss_fn(batch, self.step)
+            (loss / self.cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **terms}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
+        bad = [k for k, v in totals.items() if not math.isfinite(v)]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gnorm):
+            bad.append("grad_norm")
+        if bad:
+            opt.zero_grad(set_to_none=True)
+            return totals, float(gnorm), False
+        opt.step()
+        return totals, float(gnorm), True
+
+    def fit(self, until: int | None = None) -> dict[str, float]:
+        """Train until cfg.steps (or stop early after step `until`, with a checkpoint, as a kill would);
+        returns the last logged scalars."""
+        cfg, model = self.cfg, self.model
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        logger = _Logger(self.run_dir, cfg.logger)
+        model.train()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train")
+        last: dict[str, float] = {}
+        t0, seen0 = time.perf_counter(), self.step
+        stop = min(until, cfg.steps) if until is not None else cfg.steps
+        while self.step < stop:
+            lr = self._set_lr()
+            batches = self._micro_batches()
+            terms, gnorm, ok = self._optimize(self.opt, model.training_loss, params, batches)
+            if ok and self.disc_opt is not None:  # GAN: the discriminator steps on the same batch
+                d_params = list(model.discriminator.parameters())
+                d_terms, _, _ = self._optimize(self.disc_opt, model.discriminator_loss, d_params, batches)
+                terms.update({f"disc_{k}": v for k, v in d_terms.items()})
+            if ok:
+                self.bad_steps = 0
+                if self.ema is not None:
+                    self._update_ema()
+            else:
+                self.bad_steps += 1
+                culprit = [k for k, v in terms.items() if not math.isfinite(v)] or ["grad_norm"]
+                tqdm.write(f"step {self.step}: non-finite {', '.join(culprit)}; step skipped "
+                           f"({self.bad_steps}/{cfg.max_bad_steps})")
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise RuntimeError(f"training diverged: {self.bad_steps} consecutive non-finite steps "
+                                       f"(last: {', '.join(culprit)}); the last good checkpoint is kept")
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rate = (self.step - seen0) / max(time.perf_counter() - t0, 1e-9)
+                last = {**terms, "lr": lr, "grad_norm": gnorm, "steps_per_s": rate,
+                        "samples_per_s": rate * cfg.batch_size}
+                logger.log(self.step, last)
+                bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", img_s=f"{rate * cfg.batch_size:.1f}")
+            if self.eval_fn and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                logger.log(self.step, self._evaluate())
+            if self.step % cfg.ckpt_every == 0 or self.step == stop:
+                self.save()
+        bar.close()
+        if self.eval_fn and self.step == cfg.steps:
+            last.update(self._evaluate())
+            logger.log(self.step, last)
+        logger.close()
+        return last
+
+    def _evaluate(self) -> dict[str, float]:
+        out_dir = self.run_dir / "eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        m = self.ema_model()
+        m.eval()
+        with torch.no_grad():
+            result = self.eval_fn(m, self.step, out_dir) or {}
+        self.model.train()
+        return result
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        params = dict(self.model.named_parameters())
+        for n, v in self.ema.items():
+            v.lerp_(params[n].detach(), 1 - d)
+
+
+class _TensorDict(torch.nn.Module):
+    """Wrap a name -> tensor dict so it can be written like a module's state_dict."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self._t = tensors
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._t)
+
+
+def _without(model: torch.nn.Module, child: str) -> torch.nn.Module:
+    """A view of `model` whose parameters() skip submodule `child`."""
+    skip = {id(p) for p in getattr(model, child).parameters()}
+
+    class _View(torch.nn.Module):
+        def parameters(self, recurse=True):
+            return (p for p in model.parameters() if id(p) not in skip)
+
+    return _View()
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    # rename first so a kill mid-delete never leaves a partial dir under a checkpoint name
+    tmp = path.parent / f".{path.name}.del"
+    path.rename(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Logger:
+    """Scalars to run_dir/metrics.csv (one row per log step, columns grow as new terms appear) and,
+    with logger = "tensorboard", to TensorBoard as well."""
+
+    def __init__(self, run_dir: Path, kind: str):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        self.keys: list[str] = []
+        self.first = True
+        if self.path.is_file():
+            with open(self.path) as f:
+                self.rows = list(csv.DictReader(f))
+        self.tb = None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                print("tensorboard is not installed (pip install 'spheregen[tensorboard]'); logging to CSV only")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        row = {"step": step, **{k: f"{v:.6g}" for k, v in scalars.items()}}
+        new_keys = not self.keys or set(row) - set(self.keys)
+        if self.first:  # a resumed run replaces whatever the killed run logged past this point
+            self.rows = [r for r in self.rows if int(r["step"]) < step]
+        self.rows.append(row)
+        if self.first or new_keys:
+            self.keys = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
+            tmp = self.path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.keys, restval="")
+                w.writeheader()
+                w.writerows(self.rows)
+            tmp.replace(self.path)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.keys, restval="", extrasaction="ignore").writerow(row)
+        self.first = False
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
