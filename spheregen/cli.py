@@ -10,7 +10,7 @@ import sys
 from .errors import UserError
 
 # Modules that register subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["data", "train_cli", "sample_cli", "edit_cli", "metrics", "demo"]
+COMMAND_MODULES = ["data", "train_cli", "tokenizer", "sample_cli", "sphere_encoder", "metrics", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"spheregen.{name}":
                 continue  # that part of the library is not built yet
             raise
-        module.add_commands(sub)
+        if hasattr(module, "add_commands"):
+            module.add_commands(sub)
     return parser
 
 

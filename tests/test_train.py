@@ -10,7 +10,7 @@ from toy import ToyConfig, ToyData, ToyModel
 from spheregen.checkpoint import load_model
 from spheregen.config import to_dict
 from spheregen.errors import UserError
-from spheregen.train import Trainer, TrainConfig, default_param_groups, list_checkpoints, lr_factor
+from spheregen.train import TrainConfig, Trainer, default_param_groups, list_checkpoints, lr_factor
 
 
 def _trainer(run_dir, steps, **kw):

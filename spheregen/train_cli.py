@@ -1,0 +1,72 @@
+"""`spheregen train KIND --config FILE`: one command for every trainer.
+
+A model module joins by defining
+    training_setup(config: dict, args) -> (model, dataset, eval_fn | None)
+where `config` is the parsed TOML ([model], [train], [data] tables, overrides applied) and `args` the
+parsed command line (for extras such as --tokenizer). The loop itself is `spheregen.train.Trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from .config import from_dict, load_toml, to_dict
+from .errors import UserError
+from .train import Trainer, TrainConfig
+
+KINDS = {"tokenizer": "spheregen.tokenizer", "ar": "spheregen.ar", "sphere": "spheregen.sphere_encoder"}
+
+
+def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
+    """Build the model/dataset for `kind`, then train (resuming if asked); returns the final scalars."""
+    try:
+        module = importlib.import_module(KINDS[kind])
+    except ModuleNotFoundError as e:
+        raise UserError(f"the {kind} trainer is not available in this build ({e.name} is missing)") from None
+    train_cfg = from_dict(TrainConfig, config.get("train", {}), "train.")
+    if getattr(args, "steps", None):
+        train_cfg.steps = args.steps
+    model, dataset, eval_fn = module.training_setup(config, args)
+    config_dict = {"model": to_dict(model.config), "data": config.get("data", {}), "kind": kind}
+    run_dir = Path(args.out)
+    trainer = Trainer(model, dataset, train_cfg, run_dir, config_dict=config_dict, eval_fn=eval_fn,
+                      device=getattr(args, "device", None))
+    if args.resume:
+        trainer.resume()
+    elif any(run_dir.glob("checkpoints/step_*")):
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or --out for a new run")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"training {kind}: {n_params / 1e6:.2f}M parameters, {len(dataset)} items, {train_cfg.steps} steps "
+          f"of batch {train_cfg.batch_size} on {trainer.device}; run dir {run_dir}")
+    result = trainer.fit()
+    print(f"done: checkpoints in {run_dir / 'checkpoints'}, scalars in {run_dir / 'metrics.csv'}")
+    return result
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = load_toml(args.config, args.set)
+    if args.data:
+        config.setdefault("data", {})["path"] = args.data
+    if args.out is None:
+        args.out = str(Path("runs") / f"{args.kind}-{Path(args.config).stem}")
+    run_training(args.kind, config, args)
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a tokenizer, AR model or Sphere Encoder from a TOML config")
+    p.add_argument("kind", choices=sorted(KINDS), help="what to train")
+    p.add_argument("--config", required=True, help="TOML file with [model], [train] and [data] tables")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--data", help="dataset directory (overrides data.path)")
+    p.add_argument("--out", help="run directory (default runs/KIND-CONFIG)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint directory (for `train ar`)")
+    p.add_argument("--latents", help="latent cache from `spheregen encode` (for `train ar`)")
+    p.add_argument("--no-cache", action="store_true", help="encode images on the fly instead of using --latents")
+    p.set_defaults(func=_cmd_train)
