@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import dist
 from .checkpoint import STATE_FILE, load_weights, read_config, save_model_dir
 from .config import to_dict
 from .errors import UserError
@@ -92,7 +93,8 @@ class EpochSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int, flip: bool, rank: int = 0, world: int = 1):
         if n < batch_size:
-            raise UserError(f"the dataset has {n} items, fewer than the batch size {batch_size}; lower train.batch_size")
+            raise UserError(f"the dataset has {n} items, fewer than the batch size {batch_size}; "
+                            "lower train.batch_size")
         self.n, self.batch_size, self.seed, self.flip = n, batch_size, seed, flip
         self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
@@ -152,14 +154,20 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, dataset: Any, cfg: TrainConfig, run_dir: str | Path,
                  config_dict: dict | None = None, eval_fn: Callable[[torch.nn.Module, int, Path], dict] | None = None,
                  device: str | torch.device | None = None, progress: bool = True):
-        self.cfg, self.run_dir, self.eval_fn, self.progress = cfg, Path(run_dir), eval_fn, progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.batch_size % cfg.grad_accum:
-            raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by train.grad_accum {cfg.grad_accum}")
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
+        dist_device = dist.init_from_env()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.cfg, self.run_dir, self.eval_fn = cfg, Path(run_dir), eval_fn
+        self.progress = progress and self.rank == 0
+        self.device = torch.device(dist_device or device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.batch_size % (cfg.grad_accum * self.world):
+            raise UserError(f"train.batch_size {cfg.batch_size} must be divisible by grad_accum x ranks "
+                            f"= {cfg.grad_accum} x {self.world}")
+        # per-rank seeds: the model's own noise (posterior draws, flow t, dropout) differs across ranks
+        torch.manual_seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
         self.model = model.to(self.device)
+        dist.broadcast_module(self.model)
         self.dataset = dataset
         self.config_dict = dict(config_dict or {})
         self.config_dict["train"] = to_dict(cfg)
@@ -181,7 +189,7 @@ class Trainer:
             exclude = tuple(getattr(model, "ema_exclude", ("discriminator.",)))
             self.ema_names = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(exclude)]
             self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(self.ema_names)}
-        self.sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.flip)
+        self.sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, self.rank, self.world)
         self.step, self.bad_steps = 0, 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -199,17 +207,23 @@ class Trainer:
         return m
 
     def save(self) -> Path:
+        """Rank 0 writes run_dir/checkpoints/step_N atomically (with every rank's RNG state); old ones pruned."""
+        rngs = dist.gather_objects(_rng_state())
+        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        if self.rank != 0:
+            dist.barrier()
+            return path
         state = {
             "step": self.step, "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
-            "rng": _rng_state(), "bad_steps": self.bad_steps,
+            "rng": rngs[0], "rank_rngs": rngs, "bad_steps": self.bad_steps,
             "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt else None,
         }
         ema_module = _TensorDict(self.ema) if self.ema is not None else None
-        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
         config = {"model_type": getattr(self.model, "model_type", None), **self.config_dict}
         save_model_dir(path, self.model, config, ema=ema_module, train_state=state)
         for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
             _rmtree(old)
+        dist.barrier()
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -236,7 +250,11 @@ class Trainer:
             if self.disc_opt is not None and state.get("disc_optimizer"):
                 self.disc_opt.load_state_dict(state["disc_optimizer"])
             self.sampler.load_state_dict(state["sampler"])
-            _set_rng_state(state["rng"])
+            rngs = state.get("rank_rngs") or [state["rng"]]
+            if len(rngs) == self.world:
+                _set_rng_state(rngs[self.rank])
+            else:  # a different number of ranks: data order is kept, per-rank noise restarts from the seed
+                print(f"resuming with {self.world} ranks from a {len(rngs)}-rank run: RNG streams are re-seeded")
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             print(f"resumed from {ckpt} at step {self.step}")
             return True
@@ -266,6 +284,8 @@ class Trainer:
             (loss / self.cfg.grad_accum).backward()
             for k, v in {"loss": loss, **terms}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
+        dist.average_gradients(params)
+        totals = dist.average_scalars(totals, self.device)
         bad = [k for k, v in totals.items() if not math.isfinite(v)]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         if not torch.isfinite(gnorm):
@@ -281,7 +301,7 @@ class Trainer:
         returns the last logged scalars."""
         cfg, model = self.cfg, self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = _Logger(self.run_dir, cfg.logger)
+        logger = _Logger(self.run_dir, cfg.logger, enabled=self.rank == 0)
         model.train()
         params = [p for g in self.opt.param_groups for p in g["params"]]
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train")
@@ -316,12 +336,13 @@ class Trainer:
                         "samples_per_s": rate * cfg.batch_size}
                 logger.log(self.step, last)
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", img_s=f"{rate * cfg.batch_size:.1f}")
-            if self.eval_fn and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            if (self.eval_fn and self.rank == 0 and cfg.eval_every and self.step % cfg.eval_every == 0
+                    and self.step < cfg.steps):
                 logger.log(self.step, self._evaluate())
             if self.step % cfg.ckpt_every == 0 or self.step == stop:
                 self.save()
         bar.close()
-        if self.eval_fn and self.step == cfg.steps:
+        if self.eval_fn and self.rank == 0 and self.step == cfg.steps:
             last.update(self._evaluate())
             logger.log(self.step, last)
         logger.close()
@@ -380,7 +401,8 @@ class _Logger:
     """Scalars to run_dir/metrics.csv (one row per log step, columns grow as new terms appear) and,
     with logger = "tensorboard", to TensorBoard as well."""
 
-    def __init__(self, run_dir: Path, kind: str):
+    def __init__(self, run_dir: Path, kind: str, enabled: bool = True):
+        self.enabled = enabled
         self.path = run_dir / "metrics.csv"
         self.rows: list[dict] = []
         self.keys: list[str] = []
@@ -389,7 +411,7 @@ class _Logger:
             with open(self.path) as f:
                 self.rows = list(csv.DictReader(f))
         self.tb = None
-        if kind == "tensorboard":
+        if kind == "tensorboard" and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -398,6 +420,8 @@ class _Logger:
                 print("tensorboard is not installed (pip install 'spheregen[tensorboard]'); logging to CSV only")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: f"{v:.6g}" for k, v in scalars.items()}}
         new_keys = not self.keys or set(row) - set(self.keys)
         if self.first:  # a resumed run replaces whatever the killed run logged past this point
