@@ -29,9 +29,12 @@ demo: data
 	$(VENV)/bin/spheregen demo --data $(DATA)/mnist32 --out runs/demo
 
 test: $(STAMP)
+	@# the emoji font and list come from Debian (no root needed); tests that need them skip if this fails
+	-@$(MAKE) -s emoji-debs
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-all: $(STAMP)
+	-@$(MAKE) -s emoji-debs
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
