@@ -94,3 +94,56 @@ def gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+# -- FSDP (fully_shard) for the large configs ----------------------------------------------------------
+def shard_model(model: torch.nn.Module, methods: tuple[str, ...] = ("training_loss",)) -> None:
+    """FSDP2: shard every transformer block, then the root; `methods` run with the FSDP hooks like forward.
+    Gradients are then reduce-scattered (averaged) by FSDP itself, so `average_gradients` is skipped."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from .layers import Block
+
+    for m in model.modules():
+        if isinstance(m, Block):
+            fully_shard(m)
+    fully_shard(model)
+    for name in methods:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Gather a sharded DTensor (collective); plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _sd_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_sd_options())
+
+
+def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=_sd_options())
+
+
+def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
+    """Every rank reads the full checkpoint and keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, opt, optim_state, options=options)

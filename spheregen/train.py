@@ -56,6 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 20  # consecutive non-finite steps before aborting
     logger: str = "csv"  # "csv" or "tensorboard" (also writes the CSV)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over ranks (SphereAR-L/H)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -168,6 +169,11 @@ class Trainer:
         random.seed(cfg.seed + self.rank)
         self.model = model.to(self.device)
         dist.broadcast_module(self.model)
+        self.fsdp = cfg.fsdp and self.world > 1
+        if self.fsdp:
+            if getattr(model, "discriminator", None) is not None:
+                raise UserError("train.fsdp does not support models with a GAN discriminator; use plain data parallel")
+            dist.shard_model(self.model)
         self.dataset = dataset
         self.config_dict = dict(config_dict or {})
         self.config_dict["train"] = to_dict(cfg)
@@ -197,6 +203,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def ema_model(self) -> torch.nn.Module:
         """A copy of the model carrying the EMA weights (the model itself when there is no EMA)."""
+        if self.fsdp:
+            raise RuntimeError("with train.fsdp, evaluate the saved checkpoint instead of the live model")
         if self.ema is None:
             return self.model
         m = copy.deepcopy(self.model)
@@ -210,17 +218,24 @@ class Trainer:
         """Rank 0 writes run_dir/checkpoints/step_N atomically (with every rank's RNG state); old ones pruned."""
         rngs = dist.gather_objects(_rng_state())
         path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        ema = self.ema
+        if self.fsdp:  # collectives: every rank takes part in gathering the full tensors
+            weights = _TensorDict(dist.full_model_state(self.model))
+            optim = dist.full_optimizer_state(self.model, self.opt)
+            ema = {n: dist.full_tensor(v).cpu() for n, v in self.ema.items()} if self.ema is not None else None
+        else:
+            weights, optim = self.model, self.opt.state_dict()
         if self.rank != 0:
             dist.barrier()
             return path
         state = {
-            "step": self.step, "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+            "step": self.step, "optimizer": optim, "fsdp": self.fsdp, "sampler": self.sampler.state_dict(),
             "rng": rngs[0], "rank_rngs": rngs, "bad_steps": self.bad_steps,
             "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt else None,
         }
-        ema_module = _TensorDict(self.ema) if self.ema is not None else None
+        ema_module = _TensorDict(ema) if ema is not None else None
         config = {"model_type": getattr(self.model, "model_type", None), **self.config_dict}
-        save_model_dir(path, self.model, config, ema=ema_module, train_state=state)
+        save_model_dir(path, weights, config, ema=ema_module, train_state=state)
         for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
             _rmtree(old)
         dist.barrier()
@@ -242,11 +257,18 @@ class Trainer:
             if saved.get("model") != self.config_dict.get("model"):
                 raise UserError(f"{ckpt} was trained with a different model config; resume with the run's own "
                                 "config or start a new run directory")
-            self.model.load_state_dict(weights)
+            if bool(state.get("fsdp")) != self.fsdp:
+                raise UserError(f"{ckpt} was saved with train.fsdp = {bool(state.get('fsdp'))}; resume with the "
+                                "same setting (and more than one rank for FSDP)")
+            if self.fsdp:
+                dist.load_full_state(self.model, self.opt, weights, state["optimizer"])
+            else:
+                self.model.load_state_dict(weights)
+                self.opt.load_state_dict(state["optimizer"])
             if self.ema is not None:
                 ema_w = load_weights(ckpt, use_ema=True)
-                self.ema = {n: ema_w[n].to(self.device).clone() for n in self.ema_names}
-            self.opt.load_state_dict(state["optimizer"])
+                params = dict(self.model.named_parameters())
+                self.ema = {n: _like(ema_w[n], params[n]) for n in self.ema_names}
             if self.disc_opt is not None and state.get("disc_optimizer"):
                 self.disc_opt.load_state_dict(state["disc_optimizer"])
             self.sampler.load_state_dict(state["sampler"])
@@ -284,10 +306,12 @@ class Trainer:
             (loss / self.cfg.grad_accum).backward()
             for k, v in {"loss": loss, **terms}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
-        dist.average_gradients(params)
+        if not self.fsdp:
+            dist.average_gradients(params)
         totals = dist.average_scalars(totals, self.device)
         bad = [k for k, v in totals.items() if not math.isfinite(v)]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        gnorm = dist.full_tensor(gnorm)
         if not torch.isfinite(gnorm):
             bad.append("grad_norm")
         if bad:
@@ -336,13 +360,13 @@ class Trainer:
                         "samples_per_s": rate * cfg.batch_size}
                 logger.log(self.step, last)
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", img_s=f"{rate * cfg.batch_size:.1f}")
-            if (self.eval_fn and self.rank == 0 and cfg.eval_every and self.step % cfg.eval_every == 0
-                    and self.step < cfg.steps):
+            if (self.eval_fn and self.rank == 0 and not self.fsdp and cfg.eval_every
+                    and self.step % cfg.eval_every == 0 and self.step < cfg.steps):
                 logger.log(self.step, self._evaluate())
             if self.step % cfg.ckpt_every == 0 or self.step == stop:
                 self.save()
         bar.close()
-        if self.eval_fn and self.rank == 0 and self.step == cfg.steps:
+        if self.eval_fn and self.rank == 0 and not self.fsdp and self.step == cfg.steps:
             last.update(self._evaluate())
             logger.log(self.step, last)
         logger.close()
@@ -364,6 +388,15 @@ class Trainer:
         params = dict(self.model.named_parameters())
         for n, v in self.ema.items():
             v.lerp_(params[n].detach(), 1 - d)
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value` (a full tensor) laid out like `param` (sharded like it when param is an FSDP DTensor)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements).detach().clone()
+    return value.to(param.device, param.dtype).clone()
 
 
 class _TensorDict(torch.nn.Module):

@@ -71,13 +71,33 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     """Same global batch (16 = 2 ranks x 8) in one process and under torchrun with gloo: same weights."""
     steps = 30
     _run(tmp_path / "single", steps, "--deterministic")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
-           SCRIPT, str(tmp_path / "ddp"), str(steps), "--deterministic"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    a, _ = _final(tmp_path / "single")
-    b, _ = _final(tmp_path / "ddp")
+    _torchrun(tmp_path / "ddp", steps, "--deterministic")
+    a, a_ema = _final(tmp_path / "single")
+    b, b_ema = _final(tmp_path / "ddp")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+        assert torch.allclose(a_ema[k], b_ema[k], atol=1e-5, rtol=0), k
+
+
+def _torchrun(run_dir, steps, *extra, port=29617):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           SCRIPT, str(run_dir), str(steps), *map(str, extra)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fsdp_two_ranks_with_resume_match_single_process(tmp_path):
+    """FSDP (sharded weights and AdamW state) for 15 steps, a resumed FSDP run for 15 more: same weights
+    as one single-process run of 30 steps with the same global batch."""
+    _run(tmp_path / "single", 30, "--deterministic")
+    _torchrun(tmp_path / "fsdp", 30, "--deterministic", "--fsdp", "--ckpt-every", 15, "--until", 15, port=29618)
+    _torchrun(tmp_path / "fsdp", 30, "--deterministic", "--fsdp", "--ckpt-every", 15, "--resume", port=29619)
+    a, a_ema = _final(tmp_path / "single")
+    b, b_ema = _final(tmp_path / "fsdp")
+    assert list_checkpoints(tmp_path / "fsdp")[-1].name == "step_00000030"
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+        assert torch.allclose(a_ema[k], b_ema[k], atol=1e-5, rtol=0), k

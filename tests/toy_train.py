@@ -28,6 +28,8 @@ p.add_argument("--slow-save", action="store_true")
 p.add_argument("--ckpt-every", type=int, default=50)
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--step-sleep", type=float, default=0.0)
+p.add_argument("--fsdp", action="store_true")
+p.add_argument("--until", type=int)
 args = p.parse_args()
 
 if args.slow_save:
@@ -55,9 +57,9 @@ if args.step_sleep:
 
     model.training_loss = sleepy_loss
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=3e-3, warmup_steps=10, weight_decay=0.05,
-                  ema_decay=0.9, flip=True, log_every=10, ckpt_every=args.ckpt_every, seed=5)
+                  ema_decay=0.9, flip=True, log_every=10, ckpt_every=args.ckpt_every, seed=5, fsdp=args.fsdp)
 trainer = Trainer(model, ToyData(), cfg, args.run_dir, config_dict={"model": to_dict(cfg_model)}, progress=False)
 if args.resume:
     trainer.resume()
-trainer.fit()
+trainer.fit(until=args.until)
 print("FINISHED", flush=True)
