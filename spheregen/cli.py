@@ -10,11 +10,11 @@ import sys
 from .errors import UserError
 
 # Modules that register subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["data", "train_cli", "tokenizer", "sample_cli", "sphere_encoder", "metrics", "demo"]
+COMMAND_MODULES = ["data", "train_cli", "tokenizer", "sample_cli", "sphere_encoder", "edit", "metrics", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spheregen", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="spheregen", description="Image generation on hyperspherical latents.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
