@@ -1,15 +1,15 @@
 """A small per-dataset CNN classifier: class accuracy of conditional samples and a fast "domain FID".
 
-Architecture (any size >= 16 px, 1 or 3 channels; width w = 32 by default):
+Architecture (any size >= 16 px, 1 or 3 channels; width w = 16 by default):
   conv3x3(C -> w) [stride 2 when the images are >= 48 px] - conv3x3(w -> w) - maxpool2
   - conv3x3(w -> 2w) - conv3x3(2w -> 2w) - maxpool2 - conv3x3(2w -> 4w) - global average pool
-  -> features (4w = 128 numbers, the penultimate layer used by the domain FID) -> dropout -> linear(K).
+  -> features (4w = 64 numbers, the penultimate layer used by the domain FID) -> dropout -> linear(K).
 Every conv is followed by BatchNorm and ReLU.
 
 Trained once on a dataset's train split (Adam, cosine learning rate, random +-2 px shifts), then
 checkpointed to DIR/classifier/{model.safetensors, config.json}; `get_classifier` reuses the checkpoint.
-The config records the held-out test-split accuracy. Cost on a 2-core CPU: about a minute for the
-5,000-digit MNIST at 32 px; prediction runs at thousands of images per second.
+The config records the held-out test-split accuracy. Cost on 2 idle CPU cores: about 25 s for
+the 5,000-digit MNIST at 32 px (98.8% test accuracy); prediction runs at thousands of images per second.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .data import ImageDataset
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -37,7 +41,7 @@ def _block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 class SmallCNN(nn.Module):
     """forward(x in [-1, 1] NCHW) -> logits [N, K]; features(x) -> penultimate [N, 4 * width]."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 16):
         super().__init__()
         self.config = {"in_channels": in_channels, "num_classes": num_classes,
                        "image_size": image_size, "width": width}
@@ -92,20 +96,26 @@ def classifier_features(model: SmallCNN, images: torch.Tensor, batch_size: int =
     return torch.cat(out)
 
 
+def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
+    """mean_i [argmax_k logits_ik == y_i]."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    if len(labels) != len(logits):
+        raise UserError(f"{len(labels)} labels for {len(logits)} images; pass one label per image")
+    if len(labels) == 0:
+        raise UserError("no images to classify")
+    return float((logits.argmax(1).cpu() == labels).double().mean())
+
+
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor | np.ndarray, classifier: SmallCNN,
                    batch_size: int = 256) -> float:
-    """Fraction of images whose argmax class equals its label: mean_i [argmax_k f(x_i)_k == y_i]."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    """Fraction of float [-1, 1] NCHW images whose argmax class equals its label."""
     if len(labels) != len(images):
         raise UserError(f"{len(labels)} labels for {len(images)} images; pass one label per image")
-    if len(images) == 0:
-        raise UserError("no images to classify")
-    pred = predict_logits(classifier, images, batch_size).argmax(1)
-    return float((pred == labels).double().mean())
+    return accuracy_from_logits(predict_logits(classifier, images, batch_size), labels)
 
 
-def train_classifier(dataset_dir: str | Path, epochs: int = 8, batch_size: int = 128, lr: float = 3e-3,
-                     width: int = 32, device: str | torch.device = "cpu", seed: int = 0,
+def train_classifier(dataset_dir: str | Path, epochs: int = 12, batch_size: int = 128, lr: float = 3e-3,
+                     width: int = 16, device: str | torch.device = "cpu", seed: int = 0,
                      verbose: bool = True) -> tuple[SmallCNN, dict]:
     """Train on the dataset's train split; returns the model and its config (with test accuracy)."""
     from .data import ImageDataset  # local import: data.py pulls in Pillow etc.
@@ -115,8 +125,24 @@ def train_classifier(dataset_dir: str | Path, epochs: int = 8, batch_size: int =
         raise UserError(f"{dataset_dir} has {train.num_classes} classes; the classifier (acc, dfid) "
                         "needs a labelled dataset with at least 2 classes")
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = SmallCNN(train.channels, train.num_classes, train.image_size, width).to(device)
+    with torch.random.fork_rng():  # seeded init and dropout; the caller's global RNG state is untouched
+        torch.manual_seed(seed)
+        model = SmallCNN(train.channels, train.num_classes, train.image_size, width).to(device)
+        seconds = _fit(model, train, epochs, batch_size, lr, gen, device, verbose)
+    test_acc = None
+    if len(test):
+        x, y = test.get_batch(np.arange(len(test)))
+        test_acc = class_accuracy(x, y, model)
+    config = dict(model.config, classes=train.classes, dataset=str(Path(dataset_dir).resolve()),
+                  epochs=epochs, test_accuracy=test_acc, train_seconds=round(seconds, 1))
+    if verbose:
+        print(f"classifier: test accuracy {test_acc} after {seconds:.0f} s", file=sys.stderr)
+    return model.eval(), config
+
+
+def _fit(model: SmallCNN, train: ImageDataset, epochs: int, batch_size: int, lr: float, gen: torch.Generator,
+         device: str | torch.device, verbose: bool) -> float:
+    """Adam + cosine decay per step, cross-entropy on randomly shifted batches; returns seconds."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = epochs * steps_per_epoch
@@ -137,16 +163,7 @@ def train_classifier(dataset_dir: str | Path, epochs: int = 8, batch_size: int =
             loss_sum += loss.item() * len(y)
         if verbose:
             print(f"classifier epoch {epoch + 1}/{epochs}: loss {loss_sum / len(train):.4f}", file=sys.stderr)
-    train_seconds = time.time() - start
-    test_acc = None
-    if len(test):
-        x, y = test.get_batch(np.arange(len(test)))
-        test_acc = class_accuracy(x, y, model)
-    config = dict(model.config, classes=train.classes, dataset=str(Path(dataset_dir).resolve()),
-                  epochs=epochs, test_accuracy=test_acc, train_seconds=round(train_seconds, 1))
-    if verbose:
-        print(f"classifier: test accuracy {test_acc} after {train_seconds:.0f} s", file=sys.stderr)
-    return model.eval(), config
+    return time.time() - start
 
 
 def save_classifier(model: SmallCNN, config: dict, out_dir: str | Path) -> Path:
@@ -194,7 +211,7 @@ def get_classifier(dataset_dir: str | Path | None, ckpt_dir: str | Path | None =
             raise UserError("acc and dfid need a classifier: pass --classifier DIR, or a dataset dir as --ref")
         ckpt_dir = Path(dataset_dir) / "classifier"
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / WEIGHTS).is_file():
+    if not ((ckpt_dir / WEIGHTS).is_file() and (ckpt_dir / CONFIG).is_file()):
         if dataset_dir is None:
             raise UserError(f"{ckpt_dir} holds no classifier; pass a dataset dir as --ref to train one there")
         print(f"training a classifier on {dataset_dir} (once; saved to {ckpt_dir})", file=sys.stderr)

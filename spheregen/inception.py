@@ -26,10 +26,13 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .errors import UserError
 
@@ -155,3 +158,49 @@ def default_inception_path_or_none() -> str | None:
         return default_inception_path()
     except UserError:
         return None
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None or 'auto' -> cuda when available, else cpu; anything else is checked."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def to_float_images(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x C arrays (file boundary) -> float [-1, 1] NCHW; float tensors pass through."""
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return batch.float()
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor | np.ndarray, net: Callable[[torch.Tensor], torch.Tensor],
+                     batch_size: int = 64, device: str | torch.device = "cpu",
+                     desc: str = "features") -> torch.Tensor:
+    """net(batch) for float [-1, 1] NCHW images (or uint8 NHWC arrays) -> [N, D] float32 on cpu, with tqdm."""
+    out = []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=None, leave=False) as bar:
+        for i in range(0, len(images), batch_size):
+            x = to_float_images(images[i:i + batch_size]).to(device)
+            out.append(net(x).float().cpu())
+            bar.update(len(x))
+    if not out:
+        raise UserError("no images to compute features of")
+    return torch.cat(out)
+
+
+def inception_features(images: torch.Tensor | np.ndarray, batch_size: int = 64,
+                       device: str | torch.device | None = None, inception: str | None = None) -> torch.Tensor:
+    """Inception pool features [N, 2048] of float [-1, 1] NCHW images (1 or 3 channels, any size)."""
+    dev = resolve_device(device)
+    return extract_features(images, load_inception(inception, dev), batch_size, dev, "inception")
