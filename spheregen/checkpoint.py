@@ -144,7 +144,12 @@ class PretrainedMixin:
             raise UserError(f"{path} holds a {config.get('model_type')} checkpoint, not a {cls.model_type}")
         model = cls(from_dict(cls.config_class, config["model"]))
         weights = load_weights(path, use_ema=use_ema)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise UserError(f"{path} does not match its config ({first[:160]}); the config and weights come "
+                            "from different models") from None
         if missing or unexpected:
             raise UserError(f"{path} does not match its config (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}); the config and weights come from different models")

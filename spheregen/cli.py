@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"spheregen {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable output path, a full disk, a file where a folder should be, ...
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"spheregen {args.command}: error: {e.strerror or e}{where}; check the path and its permissions",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("spheregen: interrupted", file=sys.stderr)
         return 130
