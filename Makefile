@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 DATA   ?= data
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint clean data
+.PHONY: venv demo demo-sphere test test-all lint clean data
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,21 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+$(DATA)/mnist28/images.npy: $(STAMP)
+	$(VENV)/bin/spheregen data mnist --size 28 --out $(DATA)/mnist28
+
 $(DATA)/mnist32/images.npy: $(STAMP)
 	$(VENV)/bin/spheregen data mnist --size 32 --out $(DATA)/mnist32
 
-data: $(DATA)/mnist32/images.npy
+data: $(DATA)/mnist28/images.npy $(DATA)/mnist32/images.npy
 
+# SphereAR on MNIST: tokenizer -> latent cache -> AR -> a grid of samples, one row per class.
 demo: data
-	$(VENV)/bin/spheregen demo --data $(DATA)/mnist32 --out runs/demo
+	$(VENV)/bin/spheregen demo --data $(DATA)/mnist28 --out runs/demo --tokenizer-steps 1000
+
+# The Sphere Encoder on MNIST-32, grids at 1 and 4 steps (a second command: it trains for longer).
+demo-sphere: data
+	$(VENV)/bin/spheregen demo --model sphere --data $(DATA)/mnist32 --out runs/demo
 
 test: $(STAMP)
 	@# the emoji font and list come from Debian (no root needed); tests that need them skip if this fails

@@ -1,29 +1,96 @@
-"""`spheregen demo`: the main job on the default dataset, end to end, printing where everything went."""
+"""`spheregen demo`: the main jobs on MNIST, end to end, through the same commands a user would type.
+
+SphereAR (default): tokenizer -> latent cache -> AR transformer -> a grid of class-conditional samples.
+Sphere Encoder (`--model sphere`): train it, then grids at 1 and 4 steps.
+Each training step resumes if its run directory holds checkpoints, so a killed demo loses nothing, and a
+finished step is skipped when the demo runs again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-from .data import ImageDataset
+from .errors import UserError
 
 
-def run_demo(data: str, out: str) -> int:
-    ds = ImageDataset(data)
-    print(f"dataset: {len(ds)} images of {ds.image_size}x{ds.image_size}x{ds.channels}, "
-          f"{ds.num_classes} classes, in {Path(data).resolve()}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    print(f"outputs: {Path(out).resolve()}")
+def _spheregen(*argv: str) -> None:
+    from .cli import main
+
+    print("$ spheregen " + " ".join(argv), flush=True)
+    if main(list(argv)) != 0:
+        raise UserError(f"demo step failed: spheregen {' '.join(argv)}")
+
+
+def _train(kind: str, config: str, data: str, out: Path, steps: int | None, *extra: str) -> Path:
+    from .train import list_checkpoints
+
+    ckpts = list_checkpoints(out)
+    target = steps
+    if target is None:
+        from .config import load_toml
+
+        target = load_toml(config).get("train", {}).get("steps")
+    if ckpts and int(ckpts[-1].name.split("_")[1]) >= (target or 0):
+        print(f"{kind}: using the finished run in {out}")
+        return ckpts[-1]
+    argv = ["train", kind, "--config", config, "--data", data, "--out", str(out), *extra]
+    if steps:
+        argv += ["--steps", str(steps)]
+    if ckpts:
+        argv.append("--resume")
+    _spheregen(*argv)
+    return list_checkpoints(out)[-1]
+
+
+def demo_sphere_ar(data: str, out: Path, tokenizer_steps: int | None, ar_steps: int | None, cfg: float) -> Path:
+    tok = _train("tokenizer", "configs/tokenizer/mnist_tiny.toml", data, out / "tokenizer", tokenizer_steps)
+    latents = out / "latents"
+    _spheregen("encode", "--tokenizer", str(tok), "--data", data, "--split", "train", "--out", str(latents))
+    ar = _train("ar", "configs/ar/mnist_tiny.toml", data, out / "ar", ar_steps, "--latents", str(latents))
+    grid = out / f"sphere_ar_samples_cfg{cfg:g}.png"
+    _spheregen("sample", "--ckpt", str(ar), "--n", "8", "--cfg", str(cfg), "--steps", "25", "--out", str(grid))
+    return grid
+
+
+def demo_sphere_encoder(data: str, out: Path, steps: int | None) -> list[Path]:
+    ckpt = _train("sphere", "configs/sphere/mnist_tiny.toml", data, out / "sphere_encoder", steps)
+    grids = []
+    for t in (1, 4):
+        grid = out / f"sphere_encoder_samples_{t}step.png"
+        _spheregen("sample", "--ckpt", str(ckpt), "--n", "8", "--steps", str(t), "--out", str(grid))
+        grids.append(grid)
+    return grids
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .data import ImageDataset
+
+    ds = ImageDataset(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"dataset: {len(ds)} images of {ds.image_size}x{ds.image_size}x{ds.channels}, {ds.num_classes} classes "
+          f"in {Path(args.data).resolve()}")
+    t0 = time.time()
+    if args.model == "sphere":
+        made = demo_sphere_encoder(args.data, out, args.steps)
+    else:
+        made = [demo_sphere_ar(args.data, out, args.tokenizer_steps, args.steps, args.cfg)]
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Outputs in {out.resolve()}:")
+    for p in made:
+        print(f"  {p}  (one row per class)")
+    print(f"  runs (checkpoints, metrics.csv, eval grids): {out.resolve()}/*/")
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo on a dataset directory")
-    p.add_argument("--data", default="data/mnist32", help="dataset directory (built by `spheregen data`)")
+    p = sub.add_parser("demo", help="train the tiny MNIST pipeline end to end and write sample grids")
+    p.add_argument("--model", choices=["sphere_ar", "sphere"], default="sphere_ar",
+                   help="SphereAR (tokenizer + AR, default) or the Sphere Encoder")
+    p.add_argument("--data", default="data/mnist28", help="dataset directory (built by `spheregen data`)")
     p.add_argument("--out", default="runs/demo", help="where runs and images go")
-    p.set_defaults(func=lambda a: run_demo(a.data, a.out))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    args = argparse.Namespace(data="data/mnist32", out="runs/demo")
-    run_demo(args.data, args.out)
+    p.add_argument("--steps", type=int, help="training steps of the AR model / Sphere Encoder (default: config)")
+    p.add_argument("--tokenizer-steps", type=int, help="training steps of the tokenizer (default: config)")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for the SphereAR grid")
+    p.set_defaults(func=run_demo)

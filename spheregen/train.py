@@ -356,7 +356,7 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 rate = (self.step - seen0) / max(time.perf_counter() - t0, 1e-9)
-                last = {**terms, "lr": lr, "grad_norm": gnorm, "steps_per_s": rate,
+                last = {**terms, "lr": lr, "grad_norm": gnorm, "steps_per_s": rate, "wall_s": time.perf_counter() - t0,
                         "samples_per_s": rate * cfg.batch_size}
                 logger.log(self.step, last)
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", img_s=f"{rate * cfg.batch_size:.1f}")
