@@ -1,0 +1,326 @@
+"""SphereAR: a causal transformer over hyperspherical latent tokens with a token-level flow head
+(SphereAR Sec. 3.2-3.3, Sec. 4.1; research/sphereAR_code.md Sec. 3-4).
+
+Sequence (teacher forcing): [c_1..c_K ; z_0 .. z_{T-2}] with K class tokens (a null class for CFG and
+unconditional models), latents through `proj_in`, the whole sequence through an RMSNorm, pre-norm
+RMSNorm/SwiGLU blocks with 2D RoPE in raster order (class tokens at (0, 0), the identity), a final
+RMSNorm. Output K-1+k (the last class token for k = 0) predicts z_k; a learned embedding of the target
+position k is added before the flow head, which is trained with the rectified-flow loss (flow_head.py).
+
+Sampling runs the conditional and null rows in one batch over a KV cache; at every solver step the head
+velocity is guided, v = v_u + s_k (v_c - v_u), with s_k = s (constant) or 1 + (s - 1) k / T (linear);
+the solved token is projected to radius R and fed back to both rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import PretrainedMixin, register_model
+from .config import from_dict
+from .errors import UserError
+from .flow_head import SAMPLERS, FlowHead, guided_velocity, noise_draws, solve
+from .layers import Block, KVCache, RMSNorm, grid_positions, rope_angles, swiglu_hidden
+from .sphere import project
+
+CFG_SCHEDULES = ("constant", "linear")
+# The options dict of `generate_images` (shared with the Sphere Encoder's method of the same name).
+DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "linear", "sampler": "euler_maruyama", "steps": 100,
+                    "temperature": 1.0, "progress": False}
+
+
+@dataclass
+class ARConfig:
+    # from the latents (0 / -1: filled in by training_setup from the latent cache or tokenizer)
+    token_dim: int = 0  # d, the latent channels per token
+    grid: tuple[int, int] = (0, 0)  # (h, w) latent grid, raster order; T = h w tokens
+    radius: float = 0.0  # R, the sphere the tokens live on
+    num_classes: int = -1  # -1: from the data; 0: unconditional (only the null class)
+    tokenizer: str = ""  # tokenizer checkpoint used for the latents (the default decoder for sampling)
+    # transformer
+    dim: int = 768
+    n_layers: int = 24
+    n_heads: int = 12
+    mlp_multiple_of: int = 256  # SwiGLU hidden = round_up(8 dim / 3, this)
+    n_cls_tokens: int = 16
+    rope_theta: float = 10000.0
+    # flow head
+    head_depth: int = 6
+    head_width: int = 768
+    head_adaln: int = 2  # shared AdaLN linears, each used by head_depth / head_adaln blocks
+    # training
+    class_dropout: float = 0.1
+    diff_batch_mul: int = 4  # independent (t, eps) draws per target token
+    # the sphere constraint (off only for the ablation)
+    project_inputs: bool = True
+    project_outputs: bool = True
+
+
+@register_model("ar")
+class SphereAR(PretrainedMixin, nn.Module):
+    config_class = ARConfig
+
+    def __init__(self, config: ARConfig):
+        super().__init__()
+        c = config
+        if c.token_dim <= 0 or min(c.grid) <= 0 or c.radius <= 0 or c.num_classes < 0:
+            raise UserError("the AR config lacks token_dim / grid / radius / num_classes; they come from the "
+                            "latent cache (train with --latents) or must be set in [model]")
+        if c.dim % c.n_heads or (c.dim // c.n_heads) % 4:
+            raise UserError(f"model.dim {c.dim} / n_heads {c.n_heads} must give a head dim divisible by 4 (2D RoPE)")
+        self.config = c
+        self.seq_len = c.grid[0] * c.grid[1]
+        self.null_class = c.num_classes
+        self.cls_embedding = nn.Embedding(c.num_classes + 1, c.n_cls_tokens * c.dim)
+        self.proj_in = nn.Linear(c.token_dim, c.dim)
+        self.emb_norm = RMSNorm(c.dim)
+        hidden = swiglu_hidden(c.dim, c.mlp_multiple_of)
+        self.blocks = nn.ModuleList(Block(c.dim, c.n_heads, hidden) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim)
+        self.pos_for_diff = nn.Embedding(self.seq_len, c.dim)  # the target token's position, added before the head
+        self.head = FlowHead(c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln)
+        # RoPE: class tokens at (0, 0); input latent k at its own patch centre (col + 1.5, row + 1.5)
+        head_dim = c.dim // c.n_heads
+        patches = rope_angles(grid_positions(*c.grid, offset=1.5), head_dim, c.rope_theta)
+        rope = torch.cat([torch.zeros(c.n_cls_tokens, head_dim // 2), patches[:-1]])
+        self.register_buffer("rope", rope, persistent=False)
+        self._decoder = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) with zero bias for the transformer's Linear/Embedding; the head keeps its own init."""
+        for name, m in self.named_modules():
+            if name.startswith("head"):
+                continue
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay for < 2-D params, proj_in and the class embedding (research Sec. 4)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                skip = p.dim() < 2 or name.startswith(("proj_in.", "cls_embedding."))
+                (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # -- the transformer ----------------------------------------------------------------------------
+    def _class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.cls_embedding(labels).view(len(labels), self.config.n_cls_tokens, self.config.dim)
+
+    def _latent_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        if self.config.project_inputs:
+            z = project(z, self.config.radius)
+        return self.proj_in(z.to(self.proj_in.weight.dtype))
+
+    def _run(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """emb_norm -> causal blocks -> norm for positions start..start+len-1 (over the caches if given)."""
+        rope = self.rope[start:start + x.shape[1]]
+        x = self.emb_norm(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, rope, causal=caches is None, cache=caches[i] if caches else None, start=start)
+        return self.norm(x)
+
+    def hidden_states(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: z [B, T, d], labels [B] (null = num_classes) -> head conditions [B, T, dim]."""
+        x = torch.cat([self._class_tokens(labels), self._latent_tokens(z[:, :-1])], dim=1)
+        h = self._run(x)[:, self.config.n_cls_tokens - 1:]
+        return h + self.pos_for_diff.weight[: h.shape[1]]
+
+    def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        """Rectified-flow loss (Eq. 8) on every token, labels dropped to the null class with p = class_dropout."""
+        z, labels = batch
+        if z.shape[1:] != (self.seq_len, self.config.token_dim):
+            raise UserError(f"latents of shape {tuple(z.shape[1:])} do not fit this model "
+                            f"({self.seq_len} tokens of {self.config.token_dim} channels)")
+        labels = labels.to(z.device)
+        drop = torch.rand(len(labels), device=z.device) < self.config.class_dropout
+        if self.num_classes == 0:
+            drop = torch.ones_like(drop)
+        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        h = self.hidden_states(z, labels)
+        loss = self.head.loss(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), self.config.diff_batch_mul)
+        return loss, {"flow": loss.detach()}
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def _check_labels(self, labels, n: int, device: torch.device) -> torch.Tensor:
+        if self.num_classes == 0:
+            return torch.full((n,), self.null_class, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(labels) != n:
+            raise UserError(f"{len(labels)} labels for {n} seeds; pass one class per sample")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad):
+            raise UserError(f"class id {int(bad[0])} is out of range; this model has classes 0..{self.num_classes - 1}")
+        return labels.to(device)
+
+    @torch.no_grad()
+    def generate(self, labels, seeds: list[int], sampler: str = "euler_maruyama", steps: int = 100,
+                 cfg: float | None = None, cfg_schedule: str = "linear", temperature: float = 1.0,
+                 use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+        """Sample latent tokens [B, T, d] for `labels`, sample k drawing all its noise from seed seeds[k].
+
+        cfg None: no guidance (conditional rows only). cfg s: cond and null rows in one batch sharing the
+        head's noise, guided velocity at every solver step. use_cache False recomputes the whole prefix
+        at every token (the reference the KV cache is tested against).
+        """
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise UserError(f"unknown CFG schedule {cfg_schedule!r}; choose constant or linear")
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        c, device = self.config, self.rope.device
+        B, T = len(seeds), self.seq_len
+        labels = self._check_labels(labels, B, device)
+        guided = cfg is not None and self.num_classes > 0
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        n_draws = noise_draws(sampler, steps)
+        dtype = torch.bfloat16 if device.type == "cuda" else self.proj_in.weight.dtype
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        head_dim = c.dim // c.n_heads
+        caches = ([KVCache(len(rows), c.n_heads, c.n_cls_tokens + T - 1, head_dim, device, dtype)
+                   for _ in self.blocks] if use_cache else None)
+        new = self._class_tokens(rows)  # the inputs not seen yet
+        seq, start, tokens = new, 0, []
+        with autocast:
+            for k in tqdm(range(T), disable=not progress, leave=False, desc="tokens", dynamic_ncols=True):
+                if use_cache:
+                    h = self._run(new, start, caches)[:, -1]
+                    start += new.shape[1]
+                else:
+                    h = self._run(seq)[:, -1]
+                h = h + self.pos_for_diff.weight[k]
+                velocity = guided_velocity(self.head, h, cfg_scale(cfg, k, T, cfg_schedule) if guided else None)
+                noise = torch.stack([torch.randn(n_draws, c.token_dim, generator=g) for g in gens]).to(device)
+                z = solve(velocity, noise, sampler, steps, temperature)
+                if c.project_outputs:
+                    # Important: project onto the radius-R sphere after the solve and after CFG, for both the
+                    # next AR input and the decoder (SphereAR Sec. 3.2); never inside the solver.
+                    z = project(z, c.radius)
+                tokens.append(z)
+                if k + 1 < T:
+                    new = self._latent_tokens(z[:, None])
+                    new = new.repeat(2, 1, 1) if guided else new
+                    seq = torch.cat([seq, new], dim=1) if not use_cache else seq
+        return torch.stack(tokens, dim=1)
+
+    def attach_decoder(self, decoder) -> None:
+        """Use `decoder.decode(z [B, T, d]) -> images in [-1, 1]` (a Tokenizer) in generate_images.
+        Kept outside the module tree, so it is never saved with the AR weights."""
+        object.__setattr__(self, "_decoder", decoder)
+
+    @torch.no_grad()
+    def generate_images(self, labels, seeds: list[int], options: dict | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] for class `labels` [B] (ignored when unconditional); sample k is a
+        function of seeds[k] alone. options (missing keys take DEFAULT_SAMPLING): cfg (1.0 = no guidance),
+        cfg_schedule, sampler, steps, temperature, progress; other keys are ignored."""
+        if self._decoder is None:
+            raise UserError("no tokenizer attached to decode the AR samples; pass --tokenizer CKPT")
+        opts = {**DEFAULT_SAMPLING, **(options or {})}
+        cfg = float(opts["cfg"])
+        tokens = self.generate(labels, seeds, sampler=opts["sampler"], steps=int(opts["steps"]),
+                               cfg=None if cfg == 1.0 else cfg, cfg_schedule=opts["cfg_schedule"],
+                               temperature=float(opts["temperature"]), progress=bool(opts["progress"]))
+        dec_device = next(self._decoder.parameters()).device if hasattr(self._decoder, "parameters") else None
+        images = self._decoder.decode(tokens.to(dec_device) if dec_device is not None else tokens)
+        return images.float().clamp(-1, 1)
+
+
+# -- training setup (`spheregen train ar`) ------------------------------------------------------------
+def _fill_from_latents(cfg: ARConfig, source, tokenizer_path: str | None) -> ARConfig:
+    """Take token_dim, grid, radius and num_classes from the latent source; a value set in the TOML must agree."""
+    found = {"token_dim": int(source.latent_dim), "grid": tuple(int(g) for g in source.grid),
+             "radius": float(source.radius), "num_classes": int(source.num_classes)}
+    for key, value in found.items():
+        given = getattr(cfg, key)
+        unset = given in (0, 0.0, -1, (0, 0))
+        if key == "num_classes" and given == 0:
+            continue  # an unconditional model may be trained on labelled latents
+        if not unset and (abs(given - value) > 1e-6 if key == "radius" else given != value):
+            raise UserError(f"model.{key} = {given} in the config, but the latents have {value}; "
+                            f"remove it from [model] or use matching latents")
+        setattr(cfg, key, value)
+    if tokenizer_path:
+        cfg.tokenizer = str(Path(tokenizer_path).resolve())
+    return cfg
+
+
+def _make_eval_fn(eval_cfg: dict):
+    """eval_fn(model, step, out_dir): a grid of samples (one row per class, up to 10 classes) as a PNG."""
+
+    def eval_fn(model: SphereAR, step: int, out_dir: Path) -> dict:
+        from .sample_cli import load_tokenizer, save_grid
+
+        if not model.config.tokenizer or not Path(model.config.tokenizer).is_dir():
+            return {}
+        if model._decoder is None:
+            model.attach_decoder(load_tokenizer(model.config.tokenizer))
+        n_cls = min(max(model.num_classes, 1), 10)
+        per = int(eval_cfg.get("per_class", 8))
+        labels = torch.arange(n_cls).repeat_interleave(per)
+        opts = {**DEFAULT_SAMPLING, "cfg": 3.0, "steps": 25, **{k: v for k, v in eval_cfg.items() if k != "per_class"}}
+        t0 = time.perf_counter()
+        images = model.generate_images(labels, list(range(len(labels))), opts)
+        save_grid(images, n_cls, out_dir / f"samples_step{step:08d}.png")
+        return {"eval_sample_s": time.perf_counter() - t0}
+
+    return eval_fn
+
+
+def training_setup(config: dict, args) -> tuple[SphereAR, object, object]:
+    """`spheregen train ar --config configs/ar/NAME.toml --tokenizer CKPT [--latents CACHE | --no-cache]`.
+
+    With a latent cache each step draws a fresh posterior sample from the cached (mu, kappa); --no-cache
+    runs the tokenizer's encoder on the images of data.path every step instead (for comparison).
+    """
+    from . import latents as latents_mod
+
+    data = config.get("data", {})
+    tokenizer_path = getattr(args, "tokenizer", None) or data.get("tokenizer")
+    latents_path = getattr(args, "latents", None) or data.get("latents")
+    if getattr(args, "no_cache", False):
+        if not tokenizer_path:
+            raise UserError("--no-cache encodes images on the fly and needs --tokenizer CKPT")
+        if not data.get("path"):
+            raise UserError("--no-cache needs the image dataset: pass --data DIR or set data.path")
+        from .data import ImageDataset
+        from .sample_cli import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+        images = ImageDataset(data["path"], split=data.get("split", "train"))
+        source = latents_mod.OnTheFlyLatents(tokenizer, images)
+    else:
+        if not latents_path:
+            raise UserError("train ar needs --latents CACHE (a latent cache from the tokenizer), "
+                            "or --no-cache with --tokenizer CKPT")
+        source = latents_mod.LatentCache(latents_path)
+        tokenizer_path = tokenizer_path or getattr(source, "tokenizer_path", None)
+    model_cfg = _fill_from_latents(from_dict(ARConfig, config.get("model", {}), "model."), source, tokenizer_path)
+    return SphereAR(model_cfg), source, _make_eval_fn(config.get("eval", {}))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: total, head, class embedding (works on the meta device)."""
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "head": sum(p.numel() for p in model.head.parameters()),
+            "cls_embedding": model.cls_embedding.weight.numel()}
+
+
+def cfg_scale(cfg: float, k: int, T: int, schedule: str) -> float:
+    """s_k = s (constant) or 1 + (s - 1) k / T (linear, MAR's schedule in raster order)."""
+    return cfg if schedule == "constant" else 1 + (cfg - 1) * k / T
+
