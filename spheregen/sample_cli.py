@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -138,11 +139,27 @@ def sample_images(model, labels: list[int], seed: int, batch_size: int, options:
     return torch.cat(out)
 
 
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and make sure files can be written there, or raise a one-line UserError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".spheregen-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another output path") from None
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if not (args.out or args.out_dir or args.npz):
         raise UserError("nothing to write: pass --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be at least 1")
+    for target in (args.out, args.npz):  # fail before minutes of sampling, not after
+        if target:
+            check_writable(Path(target).parent)
+    if args.out_dir:
+        check_writable(Path(args.out_dir))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_generator(args.ckpt, args.tokenizer, device)
     num_classes = int(getattr(model, "num_classes", 0))
