@@ -139,6 +139,33 @@ def sample_images(model, labels: list[int], seed: int, batch_size: int, options:
     return torch.cat(out)
 
 
+def sample_to_dir(model, labels: list[int], seed: int, batch_size: int, options: dict, out_dir: Path,
+                  num_classes: int, progress: bool = True) -> np.ndarray | None:
+    """Write image k (seed `seed + k`) to out_dir/k.png for every k not already there; under torchrun rank r
+    takes k = r mod world. Each PNG is written under a temporary name and renamed, so a killed run leaves
+    only complete images and a rerun finishes the rest, bit-identical to an uninterrupted run.
+    Returns all images as uint8 NHWC on rank 0 (None on the other ranks)."""
+    from . import dist
+
+    dist.init_from_env()
+    rank, world = dist.rank(), dist.world_size()
+    names = [f"{k:06d}_class{y}.png" if num_classes else f"{k:06d}.png" for k, y in enumerate(labels)]
+    todo = [k for k in range(rank, len(labels), world) if not (out_dir / names[k]).is_file()]
+    for s in tqdm(range(0, len(todo), batch_size), disable=not progress or rank, desc="batches"):
+        ks = todo[s:s + batch_size]
+        lab = torch.tensor([labels[k] for k in ks], dtype=torch.long)
+        batch = model.generate_images(lab, [seed + k for k in ks], {**options, "progress": progress and not rank})
+        for k, a in zip(ks, to_uint8(batch.float().cpu())):
+            tmp = out_dir / f".{names[k]}.tmp"
+            _pil(a).save(tmp, format="PNG")
+            os.replace(tmp, out_dir / names[k])
+    dist.barrier()
+    if rank != 0:
+        return None
+    arrays = [np.asarray(Image.open(out_dir / n)) for n in names]
+    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` if needed and make sure files can be written there, or raise a one-line UserError."""
     try:
@@ -167,18 +194,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     labels = [c for c in classes for _ in range(args.n)]
     options = {"cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "sampler": args.sampler, "steps": args.steps,
                "temperature": args.temperature}
-    images = sample_images(model, labels, args.seed, args.batch_size, options, progress=not args.quiet)
     written = []
+    if args.out_dir:  # sharded over torchrun ranks, resumable: finished PNGs are kept and skipped
+        arr = sample_to_dir(model, labels, args.seed, args.batch_size, options, Path(args.out_dir), num_classes,
+                            progress=not args.quiet)
+        if arr is None:  # ranks other than 0 stop here
+            return 0
+        images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+        written.append(f"{args.out_dir}/ ({len(arr)} PNGs)")
+    else:
+        images = sample_images(model, labels, args.seed, args.batch_size, options, progress=not args.quiet)
+        arr = to_uint8(images)
     if args.out:
         rows = len(classes) if num_classes else max(1, round(math.sqrt(len(labels))))
         written.append(str(save_grid(images, rows, args.out)))
-    arr = to_uint8(images)
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for k, (a, y) in enumerate(zip(arr, labels)):
-            _pil(a).save(out_dir / (f"{k:06d}_class{y}.png" if num_classes else f"{k:06d}.png"))
-        written.append(f"{out_dir}/ ({len(arr)} PNGs)")
     if args.npz:
         Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
         if num_classes:
@@ -195,7 +224,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate images from an AR or Sphere Encoder checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (checkpoints/step_*) or a run directory")
     p.add_argument("--classes", help="comma-separated class ids (default: every class)")
-    p.add_argument("--n", type=int, default=8, help="images per class (default 8)")
+    p.add_argument("--n", "--num-per-class", dest="n", type=int, default=8,
+                   help="images per class (default 8; spell it --num-per-class under torchrun, whose own options "
+                        "swallow --n)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="linear",
                    help="constant s, or linear 1 + (s - 1) k / T over tokens k (default linear)")
