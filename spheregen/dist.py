@@ -147,3 +147,10 @@ def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, weights:
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, opt, optim_state, options=options)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (a gloo group torn down at interpreter exit can abort the process)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

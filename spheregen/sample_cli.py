@@ -159,7 +159,7 @@ def sample_to_dir(model, labels: list[int], seed: int, batch_size: int, options:
             tmp = out_dir / f".{names[k]}.tmp"
             _pil(a).save(tmp, format="PNG")
             os.replace(tmp, out_dir / names[k])
-    dist.barrier()
+    dist.shutdown()
     if rank != 0:
         return None
     arrays = [np.asarray(Image.open(out_dir / n)) for n in names]

@@ -115,7 +115,8 @@ class PowerSpherical(Distribution):
 
     def _log_normalizer64(self) -> torch.Tensor:
         alpha, beta = self._ab()
-        return -((alpha + beta) * math.log(2) + beta * math.log(math.pi) + torch.lgamma(alpha) - torch.lgamma(alpha + beta))
+        return -((alpha + beta) * math.log(2) + beta * math.log(math.pi)
+                 + torch.lgamma(alpha) - torch.lgamma(alpha + beta))
 
     def _entropy64(self) -> torch.Tensor:
         alpha, beta = self._ab()

@@ -12,9 +12,10 @@ import argparse
 import importlib
 from pathlib import Path
 
+from . import dist
 from .config import from_dict, load_toml, to_dict
 from .errors import UserError
-from .train import Trainer, TrainConfig
+from .train import TrainConfig, Trainer
 
 KINDS = {"tokenizer": "spheregen.tokenizer", "ar": "spheregen.ar", "sphere": "spheregen.sphere_encoder"}
 
@@ -40,7 +41,10 @@ def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {kind}: {n_params / 1e6:.2f}M parameters, {len(dataset)} items, {train_cfg.steps} steps "
           f"of batch {train_cfg.batch_size} on {trainer.device}; run dir {run_dir}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        dist.shutdown()
     print(f"done: checkpoints in {run_dir / 'checkpoints'}, scalars in {run_dir / 'metrics.csv'}")
     return result
 

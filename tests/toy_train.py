@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import ToyConfig, ToyData, ToyModel  # noqa: E402
 
 import spheregen.checkpoint as ckpt  # noqa: E402
+from spheregen import dist  # noqa: E402
 from spheregen.config import to_dict  # noqa: E402
 from spheregen.train import TrainConfig, Trainer  # noqa: E402
 
@@ -62,4 +63,5 @@ trainer = Trainer(model, ToyData(), cfg, args.run_dir, config_dict={"model": to_
 if args.resume:
     trainer.resume()
 trainer.fit(until=args.until)
+dist.shutdown()
 print("FINISHED", flush=True)
