@@ -1,0 +1,395 @@
+"""The Sphere Encoder (Yue et al. 2026, "Image Generation with a Sphere Encoder").
+
+An encoder E spreads images over the sphere of radius sqrt(L) (f = spherify, Eq. 1); a decoder D maps any point of
+it to an image. Training perturbs the latent direction with noise (Sec. 2.2, Eq. 4-6):
+
+    v = f(E(x)),  v_NOISY = f(v + r_N sigma_max e),  v_noisy = f(v + r s sigma_max e),  one shared e ~ N(0, I),
+    sigma_max = tan(alpha), r stratified in [0, 1] (r_N: r with large-angle mixing), s stratified in [0, 0.5]
+
+and minimises (Eq. 7-10, images mapped to [0, 1], dist = smooth-L1, perc = the configured perceptual loss)
+
+    w_rd dist(D(v_noisy), x) + w_rp perc(.)                    pixel reconstruction
+  + w_cd dist(D(v_NOISY), sg D(v_noisy)) + w_cp perc(.)        pixel consistency
+  + w_lc mean(1 - cos(E(D(v_NOISY)), sg E(x)))                 latent consistency.
+
+Generation (Algorithm 1): x = D(f(e)), then T - 1 times x = D(f(f(E(x)) + r_t sigma_max e')), with classifier-free
+guidance after E ("latent"), after D ("pixel", clamped to [-1, 1]) or both with sqrt(s) each ("combo"),
+e' drawn once and shared across steps (or fresh per step), r_t = (1 - (t - 1)/(T - 1))^gamma (Eq. 13).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import PretrainedMixin, register_model
+from .config import from_dict
+from .errors import UserError
+from .sample_cli import save_grid
+from .sphere import spherify
+from .sphere_encoder_nets import Decoder, Encoder, SphereEncoderConfig, sigma_max
+
+CFG_POSITIONS = ("pixel", "latent", "combo")
+__all__ = ["SphereEncoder", "SphereEncoderConfig", "CFG_POSITIONS", "stratified_uniform", "training_setup", "psnr"]
+
+
+def stratified_uniform(n: int, device=None) -> torch.Tensor:
+    """n values in [0, 1]: one 1, one 0 and (i + U_i)/(n - 2) for the rest (U clamped >= 1e-3), shuffled."""
+    if n <= 2:
+        return torch.tensor([1.0, 0.0][:n], device=device) if n == 2 else torch.rand(n, device=device)
+    k = n - 2
+    mid = (torch.arange(k, device=device) + torch.rand(k, device=device).clamp_min(1e-3)) / k
+    vals = torch.cat([torch.ones(1, device=device), torch.zeros(1, device=device), mid])
+    return vals[torch.randperm(n, device=device)]
+
+
+class _PerceptualHolder:
+    """Keeps the frozen perceptual network out of the model's state_dict, parameters and EMA."""
+
+    def __init__(self):
+        self.module: nn.Module | None = None
+        self.built = False
+
+
+@register_model("sphere_encoder")
+class SphereEncoder(PretrainedMixin, nn.Module):
+    config_class = SphereEncoderConfig
+
+    def __init__(self, config: SphereEncoderConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.sigma_max = sigma_max(config)
+        self._perc = _PerceptualHolder()
+
+    # -- basic maps ---------------------------------------------------------------------------------
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.config.n_tokens, self.config.latent_dim)
+
+    def _labels(self, labels: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+        if self.config.num_classes == 0:
+            return None
+        if labels is None:
+            return torch.full((n,), self.null_label, dtype=torch.long, device=device)
+        return labels.to(device=device, dtype=torch.long)
+
+    def spherify(self, z: torch.Tensor) -> torch.Tensor:
+        """f(z): ||f(z)|| = sqrt(L) per sample (Eq. 1)."""
+        return spherify(z, self.config.spherify_eps)
+
+    def noisy_spherify(self, v: torch.Tensor, sigma: torch.Tensor | float, e: torch.Tensor) -> torch.Tensor:
+        """f(v + sigma e) (Eq. 4); sigma a float or one value per sample."""
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.view(-1, *([1] * (v.dim() - 1))).to(v.dtype)
+        return self.spherify(v + sigma * e)
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw encoder output z = E(x, y) [B, N, d] (labels None = the null label)."""
+        return self.encoder(x, self._labels(labels, len(x), x.device))
+
+    def encode_sphere(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """v = f(E(x, y)) on the sphere of radius sqrt(L), [B, N, d]."""
+        return self.spherify(self.encode(x, labels))
+
+    def decode(self, v: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x = D(v, y), images in (-1, 1)."""
+        return self.decoder(v, self._labels(labels, len(v), v.device))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """D(f(E(x))) with no noise and the null label (Sec. 2.4)."""
+        return self.decode(self.encode_sphere(x))
+
+    # -- training -----------------------------------------------------------------------------------
+    def _drop(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Label dropout: each label becomes the null label with probability label_dropout (per pass)."""
+        if labels is None or self.config.num_classes == 0 or self.config.label_dropout <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+
+    def noise_levels(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_N, r_n) per sample, multiples of sigma_max for v_NOISY and v_noisy (Sec. 2.2-2.3).
+
+        r and s are stratified; r_n = r s noisy_max. With probability mix_prob, r_N is pushed past alpha to at
+        most alpha_mix = min(alpha + mix_extra, mix_max): "code" reuses the mask's own u, r_N = 1 + u (ratio - 1)
+        with ratio = tan(alpha_mix)/tan(alpha) (so it reaches only ~1/10 of the way); "uniform" draws the
+        angle uniformly in [alpha, alpha_mix].
+        """
+        cfg = self.config
+        r = stratified_uniform(n, device)
+        s = stratified_uniform(n, device) * cfg.noisy_max
+        r_noisy = r * s
+        r_big = r
+        if cfg.mix_prob > 0:
+            alpha_mix = min(cfg.alpha_deg + cfg.mix_extra_deg, cfg.mix_max_deg)
+            ratio = math.tan(math.radians(alpha_mix)) / self.sigma_max
+            u = torch.rand(n, device=device)
+            if cfg.mix_mode == "code":
+                hard = 1 + u * (ratio - 1)
+            else:
+                ang = cfg.alpha_deg + torch.rand(n, device=device) * (alpha_mix - cfg.alpha_deg)
+                hard = torch.tan(torch.deg2rad(ang)) / self.sigma_max
+            r_big = torch.where(u <= cfg.mix_prob, hard, r)
+        return r_big, r_noisy
+
+    def _perceptual(self) -> nn.Module | None:
+        if not self._perc.built:
+            from .losses import build_perceptual
+
+            self._perc.module = build_perceptual(self.config.perceptual, self.config.vgg_weights or None)
+            self._perc.built = True
+        return self._perc.module
+
+    def training_loss(self, batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of Eq. 7-9 on one batch (x in [-1, 1], y); returns (loss, unweighted terms)."""
+        cfg = self.config
+        x, y = batch
+        y = y if cfg.num_classes > 0 else None
+        B = x.shape[0]
+        z = self.encoder(x, self._drop(self._labels(y, B, x.device)))
+        v = self.spherify(z)
+        z_clean = z.detach()
+        e = torch.randn_like(v)
+        r_big, r_noisy = self.noise_levels(B, x.device)
+        v_big = self.noisy_spherify(v, r_big * self.sigma_max, e)
+        v_small = self.noisy_spherify(v, r_noisy * self.sigma_max, e)
+        y2 = self._labels(y, B, x.device)
+        y2 = self._drop(torch.cat([y2, y2])) if y2 is not None else None
+        x_big, x_small = self.decoder(torch.cat([v_big, v_small]), y2).chunk(2)
+
+        perc = self._perceptual() if (cfg.w_recon_perc > 0 or cfg.w_con_perc > 0) else None
+        x01, big01, small01 = (x + 1) / 2, (x_big.float() + 1) / 2, (x_small.float() + 1) / 2
+        terms: dict[str, torch.Tensor] = {}
+        loss = x.new_zeros((), dtype=torch.float32)
+
+        def add(name: str, weight: float, fn: Callable[[], torch.Tensor]) -> None:
+            nonlocal loss
+            if weight > 0:
+                val = fn()
+                terms[name] = val.detach()
+                loss = loss + weight * val
+
+        beta = cfg.dist_beta
+        add("recon_dist", cfg.w_recon_dist, lambda: F.smooth_l1_loss(small01, x01, beta=beta))
+        add("con_dist", cfg.w_con_dist, lambda: F.smooth_l1_loss(big01, small01.detach(), beta=beta))
+        if perc is not None:
+            perc = perc.to(x.device)
+            add("recon_perc", cfg.w_recon_perc, lambda: perc(x_small.float(), x))
+            add("con_perc", cfg.w_con_perc, lambda: perc(x_big.float(), x_small.detach().float()))
+
+        def lat_con() -> torch.Tensor:
+            z2 = self.encoder(x_big, self._drop(self._labels(y, B, x.device)))
+            return (1 - F.cosine_similarity(z2.flatten(1).float(), z_clean.flatten(1).float(), dim=1)).mean()
+
+        add("lat_con", cfg.w_lat_con, lat_con)
+        return loss, terms
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: encoder at enc_lr_scale x the LR; decay only on >= 2-D weights."""
+        groups = []
+        for module, scale in ((self.encoder, self.config.enc_lr_scale), (self.decoder, 1.0)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay,
+                           "lr_scale": scale})
+            groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
+        return groups
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _noise_source(self, n: int, device, seeds=None, generator=None) -> Callable[[], torch.Tensor]:
+        """A function drawing e ~ N(0, I) [n, N, d]; with seeds, sample k uses its own generator only."""
+        shape = self.latent_shape
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            if len(seeds) != n:
+                raise UserError(f"got {len(seeds)} seeds for {n} samples; pass one seed per sample")
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+            return lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+        return lambda: torch.randn((n, *shape), generator=generator, device=device)
+
+    @staticmethod
+    def _cfg_scales(cfg: float, position: str) -> tuple[float, float]:
+        """(latent scale, pixel scale) for a CFG position (combo: sqrt(s) at each, Sec. C.1)."""
+        if position not in CFG_POSITIONS:
+            raise UserError(f"cfg_position must be one of {', '.join(CFG_POSITIONS)}, got {position!r}")
+        if position == "pixel":
+            return 1.0, cfg
+        if position == "latent":
+            return cfg, 1.0
+        return math.sqrt(cfg), math.sqrt(cfg)
+
+    def _guided(self, net: nn.Module, inp: torch.Tensor, labels: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """net(inp, y) or, with scale != 1, lerp(net(inp, null), net(inp, y), scale) in one batch."""
+        y = self._labels(labels, len(inp), inp.device)
+        if y is None or scale == 1.0:
+            return net(inp, y)
+        null = torch.full_like(y, self.null_label)
+        cond, uncond = net(torch.cat([inp, inp]), torch.cat([y, null])).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    def _decode_guided(self, v: torch.Tensor, labels, scale: float) -> torch.Tensor:
+        x = self._guided(self.decoder, v, labels, scale)
+        return x.clamp(-1, 1) if scale != 1.0 and self.config.num_classes > 0 else x
+
+    @staticmethod
+    def noise_schedule(loops: int, r: float = 1.0, gamma: float = 0.0) -> list[float]:
+        """r_t for loop k = 1..loops (step t = k + 1 of T = loops + 1): r (1 - k / loops)^gamma (Eq. 13)."""
+        return [r * (1 - k / loops) ** gamma for k in range(1, loops + 1)]
+
+    @torch.no_grad()
+    def refine(self, x: torch.Tensor, labels: torch.Tensor | None, loops: int, r: float = 1.0, gamma: float = 0.0,
+               cfg: float = 1.0, cfg_position: str = "combo", shared_noise: bool = True,
+               noise: Callable[[], torch.Tensor] | None = None, seeds=None, generator=None,
+               trace: list | None = None) -> torch.Tensor:
+        """`loops` encode/decode iterations x <- D(f(f(E(x)) + r_k sigma_max e'), y) (Algorithm 1's loop).
+
+        Also the editing primitive (Sec. 4): start from any image x. Returns images clamped to [-1, 1];
+        `trace`, if given, receives the images after every loop."""
+        if gamma < 0 or r < 0:
+            raise UserError(f"r and gamma must be >= 0, got r = {r}, gamma = {gamma}")
+        s_lat, s_pix = self._cfg_scales(cfg, cfg_position)
+        noise = noise or self._noise_source(len(x), x.device, seeds, generator)
+        e_shared = None
+        for r_k in self.noise_schedule(loops, r, gamma) if loops > 0 else []:
+            z = self._guided(self.encoder, x, labels, s_lat)
+            if shared_noise:
+                e_shared = noise() if e_shared is None else e_shared
+                e = e_shared
+            else:
+                e = noise()
+            v = self.noisy_spherify(self.spherify(z), r_k * self.sigma_max, e)
+            x = self._decode_guided(v, labels, s_pix)
+            if trace is not None:
+                trace.append(x.clamp(-1, 1))
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | None, steps: int = 1, cfg: float = 1.0, cfg_position: str = "combo",
+                 shared_noise: bool = True, gamma: float = 0.0, r: float = 1.0, seeds=None,
+                 generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
+        """Algorithm 1: T = `steps` decoder passes from e ~ N(0, I); images [B, C, H, W] in [-1, 1].
+
+        labels: class ids [B] (None: the null label / unconditional, then pass n). seeds: one int per sample
+        (sample k then depends only on seeds[k]); else `generator` (or the global RNG) draws the batch.
+        """
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        device = next(self.parameters()).device
+        B = len(labels) if labels is not None else (n or (len(seeds) if seeds is not None else 1))
+        self.check_labels(labels)
+        noise = self._noise_source(B, device, seeds, generator)
+        _, s_pix = self._cfg_scales(cfg, cfg_position)
+        x = self._decode_guided(self.spherify(noise()), labels, s_pix)
+        return self.refine(x, labels, steps - 1, r, gamma, cfg, cfg_position, shared_noise, noise=noise)
+
+    def check_labels(self, labels) -> None:
+        """UserError unless every label is a class id in [0, num_classes)."""
+        if labels is None:
+            return
+        labels = torch.as_tensor(labels)
+        K = self.config.num_classes
+        if K == 0:
+            raise UserError("this Sphere Encoder is unconditional; do not pass class ids")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= K):
+            bad = int(labels[(labels < 0) | (labels >= K)][0])
+            raise UserError(f"class id {bad} is out of range; this model has classes 0..{K - 1}")
+
+    @torch.no_grad()
+    def generate_images(self, labels: torch.Tensor | None, seeds: list[int],
+                        options: dict | None = None) -> torch.Tensor:
+        """The `spheregen sample` entry point. options: steps, cfg, cfg_position, shared_noise, gamma, r
+        (other keys are ignored); labels are ignored by an unconditional model."""
+        known = {"steps", "cfg", "cfg_position", "shared_noise", "gamma", "r"}
+        kwargs = {k: v for k, v in (options or {}).items() if k in known and v is not None}
+        if self.config.num_classes == 0:
+            labels = None
+        return self.generate(labels, seeds=seeds, n=len(seeds), **kwargs)
+
+
+# -- images and evaluation ----------------------------------------------------------------------------
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of 10 log10(1 / MSE) on [0, 1] images (inputs in [-1, 1])."""
+    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def grid_labels(num_classes: int, per_class: int) -> torch.Tensor | None:
+    """Class ids for a grid: each class repeated per_class times (rows = classes), None if unconditional."""
+    if num_classes == 0:
+        return None
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def make_eval_fn(dataset, n_recon: int = 64, per_class: int = 8, steps: tuple[int, ...] = (1, 4)):
+    """eval_fn(model, step, out_dir): sample grids at 1 and 4 steps (fixed seeds) and reconstruction PSNR."""
+    recon_idx = np.linspace(0, len(dataset) - 1, min(n_recon, len(dataset))).astype(np.int64)
+    x_ref, _ = dataset.get_batch(recon_idx)
+
+    def eval_fn(model: SphereEncoder, step: int, out_dir: Path) -> dict[str, float]:
+        device = next(model.parameters()).device
+        K = model.config.num_classes
+        labels = grid_labels(min(K, 10), per_class)
+        n = len(labels) if labels is not None else 64
+        seeds = list(range(n))
+        out = {}
+        for T in steps:
+            t0 = time.perf_counter()
+            imgs = model.generate(labels.to(device) if labels is not None else None, steps=T, seeds=seeds, n=n)
+            out[f"gen{T}_s_per_img"] = (time.perf_counter() - t0) / n
+            save_grid(imgs, n // per_class if K else 8, out_dir / f"samples_step{step:08d}_{T}steps.png")
+        x = x_ref.to(device)
+        rec = model.reconstruct(x)
+        out["recon_psnr"] = psnr(rec, x)
+        save_grid(torch.cat([x[:16], rec[:16]]), 2, out_dir / f"recon_step{step:08d}.png")
+        print(f"eval at step {step}: recon PSNR {out['recon_psnr']:.2f} dB; grids in {out_dir}")
+        return out
+
+    return eval_fn
+
+
+def training_setup(config: dict, args) -> tuple[SphereEncoder, object, Callable]:
+    """`spheregen train sphere --config configs/sphere/NAME.toml`: model, dataset (train split), eval_fn.
+
+    image_size, channels and num_classes default to the dataset's; explicit values must agree with it."""
+    from .data import ImageDataset
+
+    data_cfg = config.get("data", {})
+    if "path" not in data_cfg:
+        raise UserError("the config has no data.path; set it in [data] or pass --data DIR")
+    dataset = ImageDataset(data_cfg["path"], split=data_cfg.get("split", "train"),
+                           test_fraction=data_cfg.get("test_fraction", 0.1))
+    model_dict = dict(config.get("model", {}))
+    found = {"image_size": dataset.image_size, "channels": dataset.channels, "num_classes": dataset.num_classes}
+    for key, value in found.items():
+        if key in model_dict and model_dict[key] != value:
+            raise UserError(f"model.{key} = {model_dict[key]} but the dataset {data_cfg['path']} has {key} {value}; "
+                            f"remove model.{key} from the config or use a matching dataset")
+        model_dict[key] = value
+    mcfg = from_dict(SphereEncoderConfig, model_dict, "model.")
+    try:
+        mcfg.validate()
+    except ValueError as e:
+        raise UserError(f"invalid [model] config: {e}") from None
+    model = SphereEncoder(mcfg)
+    eval_set = ImageDataset(data_cfg["path"], split="test") if data_cfg.get("split", "train") == "train" else dataset
+    if len(eval_set) == 0:
+        eval_set = dataset
+    return model, dataset, make_eval_fn(eval_set)
