@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny untrained checkpoints for CLI tests."""
+"""Shared fixtures: one torch thread for the tiny models, tiny untrained checkpoints for CLI tests."""
 
 import json
 
@@ -9,6 +9,15 @@ from PIL import Image
 
 from spheregen.ar import ARConfig, SphereAR
 from spheregen.tokenizer import Tokenizer, TokenizerConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster when the shared cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

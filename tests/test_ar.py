@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 R = 2.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when the shared cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeLatents:
     """The LatentCache interface: token k of class c is the unit direction m[c, k] plus a little noise,
     scaled to radius R (a fresh draw every call)."""

@@ -8,15 +8,6 @@ import torch
 from spheregen.flow_head import FlowHead, guided_velocity, noise_draws, solve, timestep_embedding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny ops are faster on one thread, and much faster when the shared cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_velocity(mu: torch.Tensor, sigma: float):
     """Exact rectified-flow velocity from N(0, I) to N(mu, sigma^2 I):
     x_t ~ N(t mu, s_t^2), s_t^2 = (1-t)^2 + t^2 sigma^2, E[v | x] = mu + (t sigma^2 - (1-t)) (x - t mu) / s_t^2.
