@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _spheregen(*argv: str) -> None:
+def run_spheregen(*argv: str) -> None:
+    """Run one `spheregen` command in this process, echoing it; a failure raises UserError."""
     from .cli import main
 
     print("$ spheregen " + " ".join(argv), flush=True)
@@ -23,7 +24,9 @@ def _spheregen(*argv: str) -> None:
         raise UserError(f"demo step failed: spheregen {' '.join(argv)}")
 
 
-def _train(kind: str, config: str, data: str, out: Path, steps: int | None, *extra: str) -> Path:
+def train_or_resume(kind: str, config: str, data: str, out: Path, steps: int | None, *extra: str) -> Path:
+    """`spheregen train KIND` into `out`: skipped when its last checkpoint reached the target steps, resumed
+    when it holds earlier checkpoints. Returns the last checkpoint."""
     from .train import list_checkpoints
 
     ckpts = list_checkpoints(out)
@@ -40,26 +43,26 @@ def _train(kind: str, config: str, data: str, out: Path, steps: int | None, *ext
         argv += ["--steps", str(steps)]
     if ckpts:
         argv.append("--resume")
-    _spheregen(*argv)
+    run_spheregen(*argv)
     return list_checkpoints(out)[-1]
 
 
 def demo_sphere_ar(data: str, out: Path, tokenizer_steps: int | None, ar_steps: int | None, cfg: float) -> Path:
-    tok = _train("tokenizer", "configs/tokenizer/mnist_tiny.toml", data, out / "tokenizer", tokenizer_steps)
+    tok = train_or_resume("tokenizer", "configs/tokenizer/mnist_tiny.toml", data, out / "tokenizer", tokenizer_steps)
     latents = out / "latents"
-    _spheregen("encode", "--tokenizer", str(tok), "--data", data, "--split", "train", "--out", str(latents))
-    ar = _train("ar", "configs/ar/mnist_tiny.toml", data, out / "ar", ar_steps, "--latents", str(latents))
+    run_spheregen("encode", "--tokenizer", str(tok), "--data", data, "--split", "train", "--out", str(latents))
+    ar = train_or_resume("ar", "configs/ar/mnist_tiny.toml", data, out / "ar", ar_steps, "--latents", str(latents))
     grid = out / f"sphere_ar_samples_cfg{cfg:g}.png"
-    _spheregen("sample", "--ckpt", str(ar), "--n", "8", "--cfg", str(cfg), "--steps", "25", "--out", str(grid))
+    run_spheregen("sample", "--ckpt", str(ar), "--n", "8", "--cfg", str(cfg), "--steps", "25", "--out", str(grid))
     return grid
 
 
 def demo_sphere_encoder(data: str, out: Path, steps: int | None) -> list[Path]:
-    ckpt = _train("sphere", "configs/sphere/mnist_tiny.toml", data, out / "sphere_encoder", steps)
+    ckpt = train_or_resume("sphere", "configs/sphere/mnist_tiny.toml", data, out / "sphere_encoder", steps)
     grids = []
     for t in (1, 4):
         grid = out / f"sphere_encoder_samples_{t}step.png"
-        _spheregen("sample", "--ckpt", str(ckpt), "--n", "8", "--steps", str(t), "--out", str(grid))
+        run_spheregen("sample", "--ckpt", str(ckpt), "--n", "8", "--steps", str(t), "--out", str(grid))
         grids.append(grid)
     return grids
 

@@ -19,6 +19,7 @@ import copy
 import csv
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,7 +329,9 @@ class Trainer:
         logger = _Logger(self.run_dir, cfg.logger, enabled=self.rank == 0)
         model.train()
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train")
+        # in a log file (not a terminal) one refresh every 30 s keeps the file readable
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train",
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         last: dict[str, float] = {}
         t0, seen0 = time.perf_counter(), self.step
         stop = min(until, cfg.steps) if until is not None else cfg.steps
