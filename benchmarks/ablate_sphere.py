@@ -1,0 +1,117 @@
+"""Sphere Encoder ablations: sampling steps, noise angle alpha, the three losses, and the CFG position.
+
+Every arm trains the tiny config (configs/sphere/mnist_tiny.toml) on the same budget and is scored at 1, 2, 4
+and 6 decoder passes without guidance (Inception FID, class accuracy, classifier-feature dFID); the reference
+arm (alpha 80, all losses) is also sampled at 4 steps with CFG at each position (pixel, latent, combo).
+
+    arm           alpha   losses                                          paper
+    alpha45       45      reconstruction + pixel + latent consistency     Sec. 4 alpha ablation
+    alpha70       70      same
+    alpha80       80      same (the reference arm)
+    alpha85       85      same
+    recon_only    80      reconstruction only                             loss ablation
+    recon_pixcon  80      reconstruction + pixel consistency              loss ablation
+
+    python benchmarks/ablate_sphere.py --data data/mnist32 --budget cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+CONFIG = "configs/sphere/mnist_tiny.toml"
+REFERENCE = "alpha80"
+ARMS = {  # name: [--set overrides]
+    "alpha45": ["model.alpha_deg=45"],
+    "alpha70": ["model.alpha_deg=70"],
+    "alpha80": ["model.alpha_deg=80"],
+    "alpha85": ["model.alpha_deg=85"],
+    "recon_only": ["model.alpha_deg=80", "model.w_con_dist=0", "model.w_con_perc=0", "model.w_lat_con=0"],
+    "recon_pixcon": ["model.alpha_deg=80", "model.w_lat_con=0"],
+}
+STEPS = (1, 2, 4, 6)
+CFG_SCALE = 2.0
+
+
+def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str, ds) -> dict:
+    from spheregen.demo import train_or_resume
+    from spheregen.sample_cli import load_generator
+    from spheregen.sphere_encoder import psnr
+
+    sets = [a for s in ARMS[arm] + [f"train.ckpt_every={budget.sphere_steps}", "train.eval_every=0"]
+            for a in ("--set", s)]
+    ckpt = train_or_resume("sphere", CONFIG, data, runs / arm, budget.sphere_steps, *sets, "--device", device)
+    model = load_generator(str(ckpt), device=device)
+    cells = harness.Cells(runs / arm)
+    labels = harness.class_labels(ds.num_classes, budget.per_class)
+
+    def recon() -> dict:
+        import numpy as np
+        import torch
+
+        from spheregen.data import ImageDataset
+
+        test = ImageDataset(data, "test")
+        x, _ = test.get_batch(np.arange(min(len(test), 500)))
+        with torch.no_grad():
+            rec = torch.cat([model.reconstruct(x[i:i + 100].to(device)).cpu() for i in range(0, len(x), 100)])
+        return {"psnr": psnr(rec, x), "n": len(x)}
+
+    settings = [(t, 1.0, "combo") for t in STEPS]
+    if arm == REFERENCE:
+        settings += [(4, CFG_SCALE, pos) for pos in ("pixel", "latent", "combo")]
+    table = []
+    for steps, cfg, pos in settings:
+        key = f"steps{steps}" + (f"_cfg{cfg:g}_{pos}" if cfg != 1.0 else "")
+
+        def cell(steps=steps, cfg=cfg, pos=pos, key=key) -> dict:
+            opts = {"steps": steps, "cfg": cfg, "cfg_position": pos}
+            images, sec = harness.generate_all(model, labels, budget.seed, opts)
+            harness.save_examples(images, ds.num_classes, budget.per_class, runs / "grids" / f"{arm}_{key}.png")
+            return {"steps": steps, "cfg": cfg, "cfg_position": pos,
+                    **harness.score(images, labels, data, budget, device), "seconds_per_image": sec}
+
+        table.append(cells.get(key, cell))
+    rec = cells.get("reconstruction", recon)
+    return {"arm": arm, "overrides": ARMS[arm], "checkpoint": str(ckpt), "recon_psnr": rec["psnr"], "cells": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/mnist32", help="dataset directory (32 px; built by `spheregen data`)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    harness.add_common_args(p)
+    args = p.parse_args(argv)
+    from spheregen.data import ImageDataset
+    from spheregen.errors import UserError
+
+    try:
+        arms = [a for a in args.arms.split(",") if a]
+        bad = [a for a in arms if a not in ARMS]
+        if bad:
+            raise UserError(f"unknown arm {bad[0]!r}; choose from {', '.join(ARMS)}")
+        ds = ImageDataset(args.data)
+        name = f"sphere_{Path(args.data).name}"
+        runs, out = harness.paths(args, name)
+        budget = harness.get_budget(args.budget, args.set)
+        result = harness.header(name, args.budget, budget, {
+            "runs": str(runs), "data": args.data, "images": len(ds), "config": CONFIG, "num_classes": ds.num_classes,
+            "cfg_scale": CFG_SCALE, "arms": []})
+        result["real"] = harness.Cells(runs).get("real", lambda: harness.real_floor(args.data, budget, args.device))
+        for arm in arms:
+            result["arms"].append(run_arm(arm, args.data, runs, budget, args.device, ds))
+        harness.write_json(out, result)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The ablation harness end to end at the smoke budget: every script trains, samples, scores, writes its JSON,
+resumes without retraining, and the results page turns the JSON into tables and plots."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def small_mnist(tmp: Path, size: int, per_class: int = 30) -> str:
+    """A class-balanced slice of MNIST (the classifier behind acc / dFID trains on it in seconds)."""
+    from spheregen.data import build_mnist
+
+    full = tmp / f"full{size}"
+    build_mnist(full, size)
+    images, labels = np.load(full / "images.npy"), np.load(full / "labels.npy")
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
+    out = tmp / f"mnist{size}"
+    out.mkdir()
+    np.save(out / "images.npy", images[keep])
+    np.save(out / "labels.npy", labels[keep])
+    for name in ("classes.json", "meta.json"):
+        (out / name).write_text((full / name).read_text())
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ablations(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablate")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(ROOT)  # the scripts name configs relative to the repository, like a user's command line
+    results = tmp / "results"
+    d28, d32 = small_mnist(tmp, 28), small_mnist(tmp, 32)
+    posterior, sphere, speed = (importlib.import_module(m) for m in ("ablate_posterior", "ablate_sphere",
+                                                                      "ablate_speed"))
+    common = ["--budget", "smoke", "--device", "cpu"]
+    post_argv = ["--data", d28, "--arms", "spherical,gaussian_norm_noproj", "--runs", str(tmp / "post"),
+                 "--out", str(results / "posterior_mnist28_smoke.json"), *common]
+    assert posterior.main(post_argv) == 0
+    assert sphere.main(["--data", d32, "--arms", "alpha80", "--runs", str(tmp / "sphere"),
+                        "--out", str(results / "sphere_mnist32_smoke.json"), *common]) == 0
+    assert speed.main(["--data", d28, "--ckpt", str(tmp / "post" / "ar-spherical"), "--head-steps", "1,3",
+                       "--samplers", "euler", "--runs", str(tmp / "speed"),
+                       "--out", str(results / "speed_mnist28_smoke.json"), *common]) == 0
+    yield {"tmp": tmp, "results": results, "post_argv": post_argv, "posterior": posterior}
+    mp.undo()
+
+
+def test_posterior_ablation_writes_every_cell(ablations):
+    res = json.loads((ablations["results"] / "posterior_mnist28_smoke.json").read_text())
+    assert [a["arm"] for a in res["arms"]] == ["spherical", "gaussian_norm_noproj"]
+    assert [a["ar_projection"] for a in res["arms"]] == [True, False]
+    for arm in res["arms"]:
+        assert [c["cfg"] for c in arm["cells"]] == [1.0, 4.0]
+        for c in arm["cells"]:
+            assert c["n_samples"] == 10 and np.isfinite(c["fid"]) and 0.0 <= c["acc"] <= 1.0
+    assert res["real"]["n_samples"] == 10 and res["real"]["fid"] < res["arms"][0]["cells"][0]["fid"]
+    # the AR of the no-projection arm really was trained without projection
+    cfg = json.loads((ablations["tmp"] / "post" / "ar-gaussian_norm_noproj" / "checkpoints" / "step_00000002"
+                      / "config.json").read_text())
+    assert cfg["model"]["project_inputs"] is False and cfg["model"]["project_outputs"] is False
+    assert (ablations["tmp"] / "post" / "grids" / "spherical_cfg4.png").is_file()
+
+
+def test_posterior_ablation_resumes_without_retraining(ablations):
+    ckpt = ablations["tmp"] / "post" / "ar-spherical" / "checkpoints" / "step_00000002" / "model.safetensors"
+    before = ckpt.stat().st_mtime_ns
+    first = json.loads((ablations["results"] / "posterior_mnist28_smoke.json").read_text())
+    out = ablations["tmp"] / "again.json"
+    argv = ablations["post_argv"][:]
+    argv[argv.index("--out") + 1] = str(out)
+    assert ablations["posterior"].main(argv) == 0
+    again = json.loads(out.read_text())
+    assert ckpt.stat().st_mtime_ns == before
+    assert [a["cells"] for a in again["arms"]] == [a["cells"] for a in first["arms"]]
+
+
+def test_sphere_ablation_scores_steps_and_cfg_positions(ablations):
+    res = json.loads((ablations["results"] / "sphere_mnist32_smoke.json").read_text())
+    (arm,) = res["arms"]
+    keys = [(c["steps"], c["cfg"], c["cfg_position"]) for c in arm["cells"]]
+    assert keys[:4] == [(1, 1.0, "combo"), (2, 1.0, "combo"), (4, 1.0, "combo"), (6, 1.0, "combo")]
+    assert {k[2] for k in keys[4:]} == {"pixel", "latent", "combo"}
+    # more decoder passes cost more time per image
+    assert arm["cells"][3]["seconds_per_image"] > arm["cells"][0]["seconds_per_image"]
+
+
+def test_results_page_has_tables_verdicts_and_plots(ablations):
+    import results_page
+
+    out = ablations["tmp"] / "docs" / "results.md"
+    assert results_page.main(["--budget", "smoke", "--results", str(ablations["results"]), "--out", str(out)]) == 0
+    text = out.read_text()
+    for needle in ("Table 2 at this scale", "CFG position", "| euler | 3 |", "**Paper:**", "data/emoji32"):
+        assert needle in text, needle
+    pngs = {p.name for p in (out.parent / "images" / "results").glob("*.png")}
+    assert {"posterior_mnist28_fid.png", "speed_seconds.png", "sphere_steps_fid.png"} <= pngs
+
+
+def test_unknown_arm_is_one_line_exit_2(ablations, capsys):
+    argv = ablations["post_argv"][:]
+    argv[argv.index("--arms") + 1] = "spherical,vmf"
+    assert ablations["posterior"].main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown arm 'vmf'" in err[0]
