@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data/mnist28", help="dataset the checkpoint was trained on")
     p.add_argument("--ckpt", help="AR checkpoint or run dir (default: the posterior ablation's spherical arm)")
-    p.add_argument("--head-steps", default="1,2,5,10,25,50,100")
+    p.add_argument("--head-steps", default="1,5,25,100")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     harness.add_common_args(p)
     args = p.parse_args(argv)

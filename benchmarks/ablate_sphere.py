@@ -2,7 +2,8 @@
 
 Every arm trains the tiny config (configs/sphere/mnist_tiny.toml) on the same budget and is scored at 1, 2, 4
 and 6 decoder passes without guidance (Inception FID, class accuracy, classifier-feature dFID); the reference
-arm (alpha 80, all losses) is also sampled at 4 steps with CFG at each position (pixel, latent, combo).
+arm (alpha 80, all losses) is also sampled at 4 steps with CFG at each position (pixel, latent, combo), and at 4
+steps with fresh noise at every step instead of the paper's one shared draw.
 
     arm           alpha   losses                                          paper
     alpha45       45      reconstruction + pixel + latent consistency     Sec. 4 alpha ablation
@@ -62,18 +63,18 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
             rec = torch.cat([model.reconstruct(x[i:i + 100].to(device)).cpu() for i in range(0, len(x), 100)])
         return {"psnr": psnr(rec, x), "n": len(x)}
 
-    settings = [(t, 1.0, "combo") for t in STEPS]
-    if arm == REFERENCE:
-        settings += [(4, CFG_SCALE, pos) for pos in ("pixel", "latent", "combo")]
+    settings = [(t, 1.0, "combo", True) for t in STEPS]
+    if arm == REFERENCE:  # CFG at each position, and fresh noise at every step instead of one shared draw
+        settings += [(4, CFG_SCALE, pos, True) for pos in ("pixel", "latent", "combo")] + [(4, 1.0, "combo", False)]
     table = []
-    for steps, cfg, pos in settings:
-        key = f"steps{steps}" + (f"_cfg{cfg:g}_{pos}" if cfg != 1.0 else "")
+    for steps, cfg, pos, shared in settings:
+        key = f"steps{steps}" + (f"_cfg{cfg:g}_{pos}" if cfg != 1.0 else "") + ("" if shared else "_fresh")
 
-        def cell(steps=steps, cfg=cfg, pos=pos, key=key) -> dict:
-            opts = {"steps": steps, "cfg": cfg, "cfg_position": pos}
+        def cell(steps=steps, cfg=cfg, pos=pos, shared=shared, key=key) -> dict:
+            opts = {"steps": steps, "cfg": cfg, "cfg_position": pos, "shared_noise": shared}
             images, sec = harness.generate_all(model, labels, budget.seed, opts)
             harness.save_examples(images, ds.num_classes, budget.per_class, runs / "grids" / f"{arm}_{key}.png")
-            return {"steps": steps, "cfg": cfg, "cfg_position": pos,
+            return {"steps": steps, "cfg": cfg, "cfg_position": pos, "shared_noise": shared,
                     **harness.score(images, labels, data, budget, device), "seconds_per_image": sec}
 
         table.append(cells.get(key, cell))

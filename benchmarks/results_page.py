@@ -180,10 +180,17 @@ def speed_section(res: dict) -> list[str]:
 
 
 # -- 4: Sphere Encoder -----------------------------------------------------------------------------------
+def cell_key(c: dict) -> str:
+    """The Sphere Encoder cell's name (as in its grid file): steps4, steps4_cfg2_pixel, steps4_fresh."""
+    return (f"steps{c['steps']}" + (f"_cfg{c['cfg']:g}_{c['cfg_position']}" if c["cfg"] != 1.0 else "")
+            + ("" if c.get("shared_noise", True) else "_fresh"))
+
+
 def sphere_section(res: dict) -> list[str]:
     b = res["budget_values"]
     arms = {a["arm"]: a for a in res["arms"]}
-    plain = {n: [c for c in a["cells"] if c["cfg"] == 1.0] for n, a in arms.items()}
+    run_grids, tag = run_dir(res) / "grids", run_dir(res).name
+    plain = {n: [c for c in a["cells"] if c["cfg"] == 1.0 and c.get("shared_noise", True)] for n, a in arms.items()}
     steps = [c["steps"] for c in next(iter(plain.values()))]
     out = [settings(res, f"{b['sphere_steps']} training steps of {res['config']} per arm; "), "", floor(res), ""]
     for metric, name in (("fid", "FID ↓"), ("acc", "class accuracy ↑"), ("dfid", "dFID ↓")):
@@ -192,7 +199,7 @@ def sphere_section(res: dict) -> list[str]:
                       [[n, ", ".join(a["overrides"]), f(a["recon_psnr"])]
                        + [f(c.get(metric), ".3f" if metric == "acc" else ".1f") for c in plain[n]]
                        for n, a in arms.items()]), ""]
-    out += [plot(Path("sphere_steps_fid.png"), steps, {n: [c["fid"] for c in cs] for n, cs in plain.items()},
+    out += [plot(Path(f"{tag}_steps_fid.png"), steps, {n: [c["fid"] for c in cs] for n, cs in plain.items()},
                  "sampling steps", "FID", "Sphere Encoder: FID vs steps"), ""]
     at = {n: {c["steps"]: c["fid"] for c in cs} for n, cs in plain.items()}
     ref = "alpha80"
@@ -211,21 +218,31 @@ def sphere_section(res: dict) -> list[str]:
         out.append(verdict(v[0] > v[1] > v[2], "each consistency loss improves FID (recon only > + pixel "
                            "consistency > + latent consistency).",
                            f"best FID over steps {v[0]:.1f} → {v[1]:.1f} → {v[2]:.1f}."))
-    cfg_cells = [c for c in arms.get(ref, {"cells": []})["cells"] if c["cfg"] != 1.0]
+    ref_cells = arms.get(ref, {"cells": []})["cells"]
+    four = [c for c in ref_cells if c["steps"] == 4]
+    cfg_cells = [c for c in four if c["cfg"] != 1.0]
     if cfg_cells:
-        out += ["", f"**CFG position** ({ref}, 4 steps, CFG {res['cfg_scale']:g}; combo applies its square root "
-                     "at both positions)", "",
-                table(["position", "FID", "acc", "dFID"], [[c["cfg_position"], f(c["fid"]), f(c.get("acc"), ".3f"),
-                                                            f(c["dfid"])] for c in cfg_cells]), ""]
+        out += ["", f"**CFG position and noise sharing** ({ref}, 4 steps; CFG {res['cfg_scale']:g}, combo applies "
+                     "its square root at both positions; *fresh* draws new noise at every step instead of sharing "
+                     "one draw)", "",
+                table(["setting", "CFG", "position", "shared noise", "FID", "acc", "dFID"],
+                      [[cell_key(c), f"{c['cfg']:g}", c["cfg_position"] if c["cfg"] != 1.0 else "-",
+                        "yes" if c.get("shared_noise", True) else "no", f(c["fid"]), f(c.get("acc"), ".3f"),
+                        f(c["dfid"])] for c in four]), ""]
         fid = {c["cfg_position"]: c["fid"] for c in cfg_cells}
         if {"pixel", "latent"} <= fid.keys():
             out.append(verdict(fid["pixel"] < fid["latent"], "CFG in pixel space beats CFG in latent space.",
                                ", ".join(f"{k} {v:.1f}" for k, v in fid.items()) + "."))
-    run_grids = run_dir(res) / "grids"
-    grids = [(n, copy_grid(run_grids / f"{n}_steps4.png", f"{res['experiment']}_{n}_steps4.png")) for n in arms]
+    if len(arms) == 1:  # one arm: every setting side by side
+        (name,) = arms
+        keys = [cell_key(c) for c in arms[name]["cells"]]
+        grids = [(k.replace("_", " "), copy_grid(run_grids / f"{name}_{k}.png", f"{tag}_{name}_{k}.png"))
+                 for k in keys]
+    else:
+        grids = [(n, copy_grid(run_grids / f"{n}_steps4.png", f"{tag}_{n}_steps4.png")) for n in arms]
     grids = [(n, g) for n, g in grids if g]
     if grids:
-        out += ["", "4-step samples, one row per class:", "",
+        out += ["", "Samples, one row per class:" if len(arms) == 1 else "4-step samples, one row per class:", "",
                 table([n for n, _ in grids], [[f"![{n}]({g})" for n, g in grids]])]
     out.append("")
     return out
@@ -277,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## 4. Sphere Encoder: steps, alpha, losses, CFG position", "",
               "`benchmarks/ablate_sphere.py`.", ""]
     lines += sphere_section(sphere) if sphere else ["(not run)", ""]
+    long_run = load("sphere_mnist32", "cpu-30min", results)
+    if long_run:
+        lines += ["### The tiny config trained for 30 minutes", "",
+                  "The reference arm at the config's own length (configs/sphere/mnist_tiny.toml, 4000 steps, about "
+                  "30 minutes on this CPU), scored by `benchmarks/ablate_sphere.py --arms alpha80 --set "
+                  "sphere_steps=4000 --set per_class=30`.", ""] + sphere_section(long_run)
     if DISCUSSION.is_file():
         lines += ["## Discussion", "", DISCUSSION.read_text().strip(), ""]
     out = Path(args.out)

@@ -84,9 +84,11 @@ def test_posterior_ablation_resumes_without_retraining(ablations):
 def test_sphere_ablation_scores_steps_and_cfg_positions(ablations):
     res = json.loads((ablations["results"] / "sphere_mnist32_smoke.json").read_text())
     (arm,) = res["arms"]
-    keys = [(c["steps"], c["cfg"], c["cfg_position"]) for c in arm["cells"]]
-    assert keys[:4] == [(1, 1.0, "combo"), (2, 1.0, "combo"), (4, 1.0, "combo"), (6, 1.0, "combo")]
-    assert {k[2] for k in keys[4:]} == {"pixel", "latent", "combo"}
+    keys = [(c["steps"], c["cfg"], c["cfg_position"], c["shared_noise"]) for c in arm["cells"]]
+    assert keys[:4] == [(1, 1.0, "combo", True), (2, 1.0, "combo", True), (4, 1.0, "combo", True),
+                        (6, 1.0, "combo", True)]
+    assert keys[4:] == [(4, 2.0, "pixel", True), (4, 2.0, "latent", True), (4, 2.0, "combo", True),
+                        (4, 1.0, "combo", False)]
     # more decoder passes cost more time per image
     assert arm["cells"][3]["seconds_per_image"] > arm["cells"][0]["seconds_per_image"]
 
@@ -109,3 +111,15 @@ def test_unknown_arm_is_one_line_exit_2(ablations, capsys):
     assert ablations["posterior"].main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown arm 'vmf'" in err[0]
+
+
+def test_budget_overrides():
+    import harness
+
+    from spheregen.errors import UserError
+
+    b = harness.get_budget("cpu", ["ar_steps=7", "cfgs=1,3"])
+    assert b.ar_steps == 7 and b.cfgs == (1.0, 3.0) and b.tokenizer_steps == harness.BUDGETS["cpu"].tokenizer_steps
+    for bad in ("ar_step=7", "ar_steps", "ar_steps=seven"):
+        with pytest.raises(UserError, match="--set"):
+            harness.get_budget("cpu", [bad])
