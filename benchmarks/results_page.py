@@ -70,8 +70,17 @@ def run_dir(res: dict) -> Path:
     return Path(res.get("runs") or harness.ROOT / "runs" / "ablate" / f"{res['experiment']}-{res['budget']}")
 
 
-def verdict(ok: bool, paper: str, here: str) -> str:
-    return f"- **Paper:** {paper} **Here:** {here} → **{'agrees' if ok else 'disagrees'}**."
+def verdict(ok: bool, paper: str, here: str, caveat: str = "") -> str:
+    return f"- **Paper:** {paper} **Here:** {here} → **{'agrees' if ok else 'disagrees'}**{caveat}."
+
+
+def caveat_if_unconditional(cells: list[dict]) -> str:
+    """A verdict between models that have not learned their classes yet tests noise, not the claim."""
+    accs = [c["acc"] for c in cells if c.get("acc") is not None]
+    if accs and max(accs) < 0.5:
+        return (f", but not conclusive: no model in this table is class-conditional yet (best class accuracy "
+                f"{max(accs):.2f} < 0.5)")
+    return ""
 
 
 # -- 1 and 2: SphereAR ---------------------------------------------------------------------------------
@@ -115,15 +124,16 @@ def posterior_section(res: dict) -> list[str]:
     if rows:
         out += ["**Table 2 at this scale** (best FID over the CFG grid)", "",
                 table(["No.", "norm. on decoder", "norm. on AR", "posterior", "FID", "at CFG"], rows), ""]
+    weak = caveat_if_unconditional([c for a in res["arms"] for c in a["cells"]])
     if {"1", "4"} <= fids.keys():
         order = sorted(fids, key=fids.get)
         out.append(verdict(fids["4"] == min(fids.values()), "FID falls from No. 1 to No. 4 (2.97, 2.89, 2.68, "
                            "2.52): the spherical posterior with AR projection is best.",
-                           f"rows ordered best to worst: {', '.join('No. ' + o for o in order)}."))
+                           f"rows ordered best to worst: {', '.join('No. ' + o for o in order)}.", weak))
     if {"spherical", "spherical_noproj"} <= arms.keys():
         a, b2 = best_fid(arms["spherical"])[0], best_fid(arms["spherical_noproj"])[0]
         out.append(verdict(a < b2, "projecting the AR inputs and outputs matters more than normalising the "
-                           "decoder input.", f"spherical with projection {a:.1f}, without {b2:.1f}."))
+                           "decoder input.", f"spherical with projection {a:.1f}, without {b2:.1f}.", weak))
     run_grids = run_dir(res) / "grids"
     grids = [(f"{n}, CFG {c:g}", copy_grid(run_grids / f"{n}_cfg{c:g}.png", f"{res['experiment']}_{n}_cfg{c:g}.png"))
              for n in ("spherical", "gaussian") for c in (cfgs[0], cfgs[-1])]
@@ -152,7 +162,8 @@ def robustness_section(res: dict) -> list[str]:
                 "CFG scale", "FID", f"CFG robustness, {data}"), "",
            verdict(rise["spherical"] < rise[g["arm"]], "the S-VAE model degrades less than the best Gaussian as "
                    "CFG grows to high scales (Fig. 8).", f"FID rises {rise['spherical']:.1f} (spherical) vs "
-                   f"{rise[g['arm']]:.1f} ({g['arm']}) from each arm's best CFG to CFG {cfgs[-1]:g}."), ""]
+                   f"{rise[g['arm']]:.1f} ({g['arm']}) from each arm's best CFG to CFG {cfgs[-1]:g}.",
+                   caveat_if_unconditional(s["cells"] + g["cells"])), ""]
     return out
 
 
@@ -203,21 +214,27 @@ def sphere_section(res: dict) -> list[str]:
                  "sampling steps", "FID", "Sphere Encoder: FID vs steps"), ""]
     at = {n: {c["steps"]: c["fid"] for c in cs} for n, cs in plain.items()}
     ref = "alpha80"
+    weak = caveat_if_unconditional([c for a in arms.values() for c in a["cells"]])
     if ref in at and 1 in at[ref] and 4 in at[ref]:
         out.append(verdict(at[ref][4] < at[ref][1], "more steps lower FID (1 → 4 steps).",
-                           f"{ref}: FID {at[ref][1]:.1f} at 1 step, {at[ref][4]:.1f} at 4."))
+                           f"{ref}: FID {at[ref][1]:.1f} at 1 step, {at[ref][4]:.1f} at 4.", weak))
     alphas = {n: min(v.values()) for n, v in at.items() if n.startswith("alpha")}
     if len(alphas) > 1:
         best = min(alphas, key=alphas.get)
-        out.append(verdict(best == "alpha80", "alpha = 80° is best for 32 px images; 45° fails to cover the "
-                           "sphere.", "best FID over steps: " + ", ".join(f"{n[5:]}° {v:.1f}"
-                                                                        for n, v in alphas.items()) + "."))
+        out.append(verdict(best == "alpha80", "alpha = 80° is best for 32 px images.", "best FID over steps: "
+                           + ", ".join(f"{n[5:]}° {v:.1f}" for n, v in alphas.items()) + ".", weak))
+    if "alpha45" in alphas and len(alphas) > 1:
+        rest = min(v for n, v in alphas.items() if n != "alpha45")
+        out.append(verdict(alphas["alpha45"] > rest + 20, "at alpha = 45° the noisy latents do not cover the sphere "
+                           "and generation from random points fails (high FID).", f"45° reaches FID "
+                           f"{alphas['alpha45']:.1f} at best, the other angles {rest:.1f} or better (a gap above 20 "
+                           "counts, far beyond the noise here)."))
     losses = [n for n in ("recon_only", "recon_pixcon", ref) if n in at]
     if len(losses) == 3:
         v = [min(at[n].values()) for n in losses]
         out.append(verdict(v[0] > v[1] > v[2], "each consistency loss improves FID (recon only > + pixel "
                            "consistency > + latent consistency).",
-                           f"best FID over steps {v[0]:.1f} → {v[1]:.1f} → {v[2]:.1f}."))
+                           f"best FID over steps {v[0]:.1f} → {v[1]:.1f} → {v[2]:.1f}.", weak))
     ref_cells = arms.get(ref, {"cells": []})["cells"]
     four = [c for c in ref_cells if c["steps"] == 4]
     cfg_cells = [c for c in four if c["cfg"] != 1.0]
@@ -232,7 +249,7 @@ def sphere_section(res: dict) -> list[str]:
         fid = {c["cfg_position"]: c["fid"] for c in cfg_cells}
         if {"pixel", "latent"} <= fid.keys():
             out.append(verdict(fid["pixel"] < fid["latent"], "CFG in pixel space beats CFG in latent space.",
-                               ", ".join(f"{k} {v:.1f}" for k, v in fid.items()) + "."))
+                               ", ".join(f"{k} {v:.1f}" for k, v in fid.items()) + ".", weak))
     if len(arms) == 1:  # one arm: every setting side by side
         (name,) = arms
         keys = [cell_key(c) for c in arms[name]["cells"]]
