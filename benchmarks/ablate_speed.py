@@ -22,6 +22,40 @@ SAMPLERS = ("euler", "heun", "euler_maruyama")
 CFG = 3.0
 
 
+def measure(args) -> Path:
+    """Every (sampler, head steps) cell for the checkpoint; writes and returns the result JSON."""
+    from spheregen.data import ImageDataset
+    from spheregen.errors import UserError
+    from spheregen.sample_cli import load_generator
+
+    budget = harness.get_budget(args.budget, args.set)
+    ckpt = args.ckpt or str(harness.ROOT / "runs" / "ablate" / f"posterior_{Path(args.data).name}-{args.budget}"
+                            / "ar-spherical")
+    if not Path(ckpt).exists():
+        raise UserError(f"no AR checkpoint at {ckpt}; run benchmarks/ablate_posterior.py --data {args.data} "
+                        f"--budget {args.budget} first, or pass --ckpt")
+    ds = ImageDataset(args.data)
+    model = load_generator(ckpt, device=args.device)
+    labels = harness.class_labels(ds.num_classes, budget.per_class)
+    name = f"speed_{Path(args.data).name}"
+    runs, out = harness.paths(args, name)
+    cells = harness.Cells(runs)
+    rows = []
+    for sampler in [s for s in args.samplers.split(",") if s]:
+        for steps in [int(s) for s in args.head_steps.split(",") if s]:
+            def cell(sampler=sampler, steps=steps) -> dict:
+                opts = {"cfg": CFG, "cfg_schedule": "constant", "sampler": sampler, "steps": steps}
+                model.generate_images(labels[:2], [0, 1], opts)  # warm-up
+                images, sec = harness.generate_all(model, labels, budget.seed, opts)
+                return {"sampler": sampler, "head_steps": steps, "seconds_per_image": sec,
+                        **harness.score(images, labels, args.data, budget, args.device)}
+
+            rows.append(cells.get(f"{sampler}_{steps}", cell))
+    return harness.write_json(out, harness.header(name, args.budget, budget, {
+        "data": args.data, "ckpt": str(ckpt), "cfg": CFG, "num_classes": ds.num_classes, "batch_size": 100,
+        "rows": rows}))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data/mnist28", help="dataset the checkpoint was trained on")
@@ -30,43 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     harness.add_common_args(p)
     args = p.parse_args(argv)
-    from spheregen.data import ImageDataset
-    from spheregen.errors import UserError
-    from spheregen.sample_cli import load_generator
-
-    try:
-        budget = harness.get_budget(args.budget, args.set)
-        ckpt = args.ckpt or str(harness.ROOT / "runs" / "ablate" / f"posterior_{Path(args.data).name}-{args.budget}"
-                                / "ar-spherical")
-        if not Path(ckpt).exists():
-            raise UserError(f"no AR checkpoint at {ckpt}; run benchmarks/ablate_posterior.py --data {args.data} "
-                            f"--budget {args.budget} first, or pass --ckpt")
-        ds = ImageDataset(args.data)
-        model = load_generator(ckpt, device=args.device)
-        labels = harness.class_labels(ds.num_classes, budget.per_class)
-        name = f"speed_{Path(args.data).name}"
-        runs, out = harness.paths(args, name)
-        cells = harness.Cells(runs)
-        rows = []
-        for sampler in [s for s in args.samplers.split(",") if s]:
-            for steps in [int(s) for s in args.head_steps.split(",") if s]:
-                def cell(sampler=sampler, steps=steps) -> dict:
-                    opts = {"cfg": CFG, "cfg_schedule": "constant", "sampler": sampler, "steps": steps}
-                    model.generate_images(labels[:2], [0, 1], opts)  # warm-up
-                    images, sec = harness.generate_all(model, labels, budget.seed, opts)
-                    return {"sampler": sampler, "head_steps": steps, "seconds_per_image": sec,
-                            **harness.score(images, labels, args.data, budget, args.device)}
-
-                rows.append(cells.get(f"{sampler}_{steps}", cell))
-        result = harness.header(name, args.budget, budget, {"data": args.data, "ckpt": str(ckpt), "cfg": CFG,
-                                                            "num_classes": ds.num_classes, "batch_size": 100,
-                                                            "rows": rows})
-        harness.write_json(out, result)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"written to {out}")
-    return 0
+    return harness.report(lambda: measure(args))
 
 
 if __name__ == "__main__":

@@ -88,30 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     harness.add_common_args(p)
     args = p.parse_args(argv)
-    from spheregen.data import ImageDataset
-    from spheregen.errors import UserError
-
-    try:
-        arms = [a for a in args.arms.split(",") if a]
-        bad = [a for a in arms if a not in ARMS]
-        if bad:
-            raise UserError(f"unknown arm {bad[0]!r}; choose from {', '.join(ARMS)}")
-        ds = ImageDataset(args.data)
-        name = f"sphere_{Path(args.data).name}"
-        runs, out = harness.paths(args, name)
-        budget = harness.get_budget(args.budget, args.set)
-        result = harness.header(name, args.budget, budget, {
-            "runs": str(runs), "data": args.data, "images": len(ds), "config": CONFIG, "num_classes": ds.num_classes,
-            "cfg_scale": CFG_SCALE, "arms": []})
-        result["real"] = harness.Cells(runs).get("real", lambda: harness.real_floor(args.data, budget, args.device))
-        for arm in arms:
-            result["arms"].append(run_arm(arm, args.data, runs, budget, args.device, ds))
-        harness.write_json(out, result)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"written to {out}")
-    return 0
+    return harness.report(lambda: harness.run_arms(args, f"sphere_{Path(args.data).name}", ARMS, run_arm,
+                                                   lambda ds: {"config": CONFIG, "cfg_scale": CFG_SCALE}))
 
 
 if __name__ == "__main__":

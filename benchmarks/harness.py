@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,3 +171,38 @@ def save_examples(images: torch.Tensor, num_classes: int, per_class: int, path: 
     rows = max(num_classes, 1)
     idx = torch.cat([torch.arange(c * per_class, c * per_class + min(show, per_class)) for c in range(rows)])
     return save_grid(images[idx], rows, path)
+
+
+def run_arms(args, name: str, known: dict, run_arm: Callable, extra: Callable) -> Path:
+    """The arm-by-arm ablations' driver: check --arms against `known`, score real images once (the floor), run
+    `run_arm(arm, data, runs, budget, device, dataset) -> dict` for each arm, write the JSON; returns its path.
+    `extra(dataset) -> dict` adds the experiment's own settings to the JSON header."""
+    from spheregen.data import ImageDataset
+    from spheregen.errors import UserError
+
+    arms = [a for a in args.arms.split(",") if a]
+    bad = [a for a in arms if a not in known]
+    if bad:
+        raise UserError(f"unknown arm {bad[0]!r}; choose from {', '.join(known)}")
+    ds = ImageDataset(args.data)
+    runs, out = paths(args, name)
+    budget = get_budget(args.budget, args.set)
+    result = header(name, args.budget, budget, {"runs": str(runs), "data": args.data, "images": len(ds),
+                                                 "num_classes": ds.num_classes, **extra(ds), "arms": []})
+    result["real"] = Cells(runs).get("real", lambda: real_floor(args.data, budget, args.device))
+    for arm in arms:
+        result["arms"].append(run_arm(arm, args.data, runs, budget, args.device, ds))
+    return write_json(out, result)
+
+
+def report(body: Callable[[], Path]) -> int:
+    """Run a script's body: a UserError becomes one line on stderr and exit code 2, success names the file."""
+    from spheregen.errors import UserError
+
+    try:
+        out = body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"written to {out}")
+    return 0

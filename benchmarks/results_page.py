@@ -104,11 +104,11 @@ def posterior_section(res: dict) -> list[str]:
         out += [f"**{name}** against CFG scale", "",
                 table(["arm", "posterior", "AR projection", "recon PSNR (dB)"] + [f"CFG {c:g}" for c in cfgs], rows),
                 ""]
-    out.append(plot(Path(f"posterior_{data}_fid.png"), cfgs, {a["arm"]: [c["fid"] for c in a["cells"]]
+    out.append(plot(Path(f"{run_dir(res).name}_fid.png"), cfgs, {a["arm"]: [c["fid"] for c in a["cells"]]
                                                               for a in res["arms"]}, "CFG scale", "FID",
                     f"FID vs CFG, {data}"))
     if all(c.get("acc") is not None for a in res["arms"] for c in a["cells"]):
-        out.append(plot(Path(f"posterior_{data}_acc.png"), cfgs, {a["arm"]: [c["acc"] for c in a["cells"]]
+        out.append(plot(Path(f"{run_dir(res).name}_acc.png"), cfgs, {a["arm"]: [c["acc"] for c in a["cells"]]
                                                                   for a in res["arms"]}, "CFG scale", "accuracy",
                         f"class accuracy vs CFG, {data}"))
     out.append("")
@@ -135,7 +135,7 @@ def posterior_section(res: dict) -> list[str]:
         out.append(verdict(a < b2, "projecting the AR inputs and outputs matters more than normalising the "
                            "decoder input.", f"spherical with projection {a:.1f}, without {b2:.1f}.", weak))
     run_grids = run_dir(res) / "grids"
-    grids = [(f"{n}, CFG {c:g}", copy_grid(run_grids / f"{n}_cfg{c:g}.png", f"{res['experiment']}_{n}_cfg{c:g}.png"))
+    grids = [(f"{n}, CFG {c:g}", copy_grid(run_grids / f"{n}_cfg{c:g}.png", f"{run_dir(res).name}_{n}_cfg{c:g}.png"))
              for n in ("spherical", "gaussian") for c in (cfgs[0], cfgs[-1])]
     grids = [(n, g) for n, g in grids if g]
     if grids:
@@ -158,8 +158,9 @@ def robustness_section(res: dict) -> list[str]:
     out = [f"### {data}: spherical against the best Gaussian arm ({g['arm']})", "",
            table(["arm"] + [f"CFG {c:g}" for c in cfgs] + [f"FID rise from best to CFG {cfgs[-1]:g}"],
                  [[a["arm"]] + [f(c["fid"]) for c in a["cells"]] + [f(rise[a["arm"]])] for a in (s, g)]), "",
-           plot(Path(f"robustness_{data}.png"), cfgs, {a["arm"]: [c["fid"] for c in a["cells"]] for a in (s, g)},
-                "CFG scale", "FID", f"CFG robustness, {data}"), "",
+           plot(Path(f"robustness_{run_dir(res).name}.png"), cfgs,
+                {a["arm"]: [c["fid"] for c in a["cells"]] for a in (s, g)}, "CFG scale", "FID",
+                f"CFG robustness, {data}"), "",
            verdict(rise["spherical"] < rise[g["arm"]], "the S-VAE model degrades less than the best Gaussian as "
                    "CFG grows to high scales (Fig. 8).", f"FID rises {rise['spherical']:.1f} (spherical) vs "
                    f"{rise[g['arm']]:.1f} ({g['arm']}) from each arm's best CFG to CFG {cfgs[-1]:g}.",
@@ -305,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## 2. CFG robustness (Fig. 8)", "", "From the runs of section 1.", ""]
     for r in post:
         lines += robustness_section(r)
+    longer = load("posterior_mnist28", "cpu-ar1000", results)
+    if longer:
+        lines += ["### Longer AR training: spherical against Gaussian on MNIST", "",
+                  "The same tokenizers as the MNIST table above (300 steps), AR models trained 4x longer "
+                  "(`benchmarks/ablate_posterior.py --data data/mnist28 --arms spherical,gaussian --set "
+                  "ar_steps=1000`), so that the models have begun to follow their classes.", ""]
+        lines += posterior_section(longer)[2:] + robustness_section(longer)
     lines += ["## 3. Inference speed against head steps and sampler (Fig. 7)", "",
               "`benchmarks/ablate_speed.py`, on the spherical MNIST arm of section 1.", ""]
     lines += speed_section(speed) if speed else ["(not run)", ""]

@@ -103,7 +103,7 @@ def test_results_page_has_tables_verdicts_and_plots(ablations):
     for needle in ("Table 2 at this scale", "CFG position", "| euler | 3 |", "**Paper:**", "data/emoji32"):
         assert needle in text, needle
     pngs = {p.name for p in (out.parent / "images" / "results").glob("*.png")}
-    assert {"posterior_mnist28_fid.png", "speed_seconds.png", "sphere_steps_fid.png"} <= pngs
+    assert {"post_fid.png", "robustness_post.png", "speed_seconds.png", "sphere_steps_fid.png"} <= pngs
 
 
 def test_unknown_arm_is_one_line_exit_2(ablations, capsys):
