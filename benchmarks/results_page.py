@@ -325,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if long_run:
         lines += ["### The tiny config trained for 30 minutes", "",
                   "The reference arm at the config's own length (configs/sphere/mnist_tiny.toml, 4000 steps, about "
-                  "30 minutes on this CPU; the config `make demo-sphere` trains), scored by `benchmarks/ablate_sphere.py "
-                  "--arms alpha80 --set sphere_steps=4000 --set per_class=30 --runs runs/ablate/"
-                  "sphere_mnist32-cpu-30min --out benchmarks/results/sphere_mnist32_cpu-30min.json`.", ""]
+                  "30 minutes on this CPU; the config `make demo-sphere` trains), scored by "
+                  "`benchmarks/ablate_sphere.py --arms alpha80 --set sphere_steps=4000 --set per_class=30 "
+                  "--runs runs/ablate/sphere_mnist32-cpu-30min "
+                  "--out benchmarks/results/sphere_mnist32_cpu-30min.json`.", ""]
         lines += sphere_section(long_run)
     if DISCUSSION.is_file():
         lines += ["## Discussion", "", DISCUSSION.read_text().strip(), ""]
