@@ -70,7 +70,7 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
                          "--set", f"model.project_inputs={flag}", "--set", f"model.project_outputs={flag}",
                          "--set", f"train.ckpt_every={budget.ar_steps}", *dev)
 
-    cells = harness.Cells(runs / f"ar-{arm}")
+    cells = harness.Cells(runs / f"ar-{arm}", budget)
     from spheregen.data import ImageDataset
 
     test = ImageDataset(data, "test")

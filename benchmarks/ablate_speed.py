@@ -39,7 +39,7 @@ def measure(args) -> Path:
     labels = harness.class_labels(ds.num_classes, budget.per_class)
     name = f"speed_{Path(args.data).name}"
     runs, out = harness.paths(args, name)
-    cells = harness.Cells(runs)
+    cells = harness.Cells(runs, budget)
     rows = []
     for sampler in [s for s in args.samplers.split(",") if s]:
         for steps in [int(s) for s in args.head_steps.split(",") if s]:

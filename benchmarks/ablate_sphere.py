@@ -48,7 +48,7 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
             for a in ("--set", s)]
     ckpt = train_or_resume("sphere", CONFIG, data, runs / arm, budget.sphere_steps, *sets, "--device", device)
     model = load_generator(str(ckpt), device=device)
-    cells = harness.Cells(runs / arm)
+    cells = harness.Cells(runs / arm, budget)
     labels = harness.class_labels(ds.num_classes, budget.per_class)
 
     def recon() -> dict:

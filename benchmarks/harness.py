@@ -4,11 +4,13 @@ Every ablation is one command with `--budget smoke|cpu|gpu`: the budget fixes th
 per table cell, the CFG grid and the seeds, so two runs with the same budget are comparable. Each script writes
 one JSON file under benchmarks/results/ (atomically) that `benchmarks/results_page.py` turns into
 docs/results.md. Training goes through the `spheregen` commands a user types, and a killed run resumes where
-it stopped (finished trainings are skipped, finished table cells are kept in the run's cells.json).
+it stopped: finished trainings are skipped, and finished table cells are kept in the run's
+cells-<digest of the budget>.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -112,16 +114,22 @@ def write_json(path: Path, data: dict) -> Path:
 
 
 class Cells:
-    """Finished table cells of one run, kept in run_dir/cells.json so a killed run resumes where it stopped."""
+    """Finished table cells of one run, kept in run_dir so a killed run resumes where it stopped.
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "cells.json"
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+    The file is named by a digest of the budget: a run with other steps, samples or seeds (``--set``) gets its
+    own file and never reuses a cell that was made under other settings."""
+
+    def __init__(self, run_dir: Path, budget: Budget):
+        settings = asdict(budget)
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.path = run_dir / f"cells-{digest}.json"
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.settings, self.data = settings, saved.get("cells", {})
 
     def get(self, key: str, compute: Callable[[], dict]) -> dict:
         if key not in self.data:
             self.data[key] = compute()
-            write_json(self.path, self.data)
+            write_json(self.path, {"budget": self.settings, "cells": self.data})
             print(f"{key}: {json.dumps(self.data[key])}", flush=True)
         return self.data[key]
 
@@ -189,7 +197,7 @@ def run_arms(args, name: str, known: dict, run_arm: Callable, extra: Callable) -
     budget = get_budget(args.budget, args.set)
     result = header(name, args.budget, budget, {"runs": str(runs), "data": args.data, "images": len(ds),
                                                  "num_classes": ds.num_classes, **extra(ds), "arms": []})
-    result["real"] = Cells(runs).get("real", lambda: real_floor(args.data, budget, args.device))
+    result["real"] = Cells(runs, budget).get("real", lambda: real_floor(args.data, budget, args.device))
     for arm in arms:
         result["arms"].append(run_arm(arm, args.data, runs, budget, args.device, ds))
     return write_json(out, result)

@@ -81,6 +81,21 @@ def test_posterior_ablation_resumes_without_retraining(ablations):
     assert [a["cells"] for a in again["arms"]] == [a["cells"] for a in first["arms"]]
 
 
+def test_changed_budget_does_not_reuse_cells(ablations):
+    """`--set per_class=2` in the same run folder reuses the trainings but scores every cell afresh."""
+    ckpt = ablations["tmp"] / "post" / "ar-spherical" / "checkpoints" / "step_00000002" / "model.safetensors"
+    before = ckpt.stat().st_mtime_ns
+    out = ablations["tmp"] / "more.json"
+    argv = ablations["post_argv"][:]
+    argv[argv.index("--out") + 1] = str(out)
+    argv[argv.index("--arms") + 1] = "spherical"
+    assert ablations["posterior"].main([*argv, "--set", "per_class=2"]) == 0
+    res = json.loads(out.read_text())
+    assert ckpt.stat().st_mtime_ns == before
+    assert res["real"]["n_samples"] == 20
+    assert [c["n_samples"] for c in res["arms"][0]["cells"]] == [20, 20]
+
+
 def test_sphere_ablation_scores_steps_and_cfg_positions(ablations):
     res = json.loads((ablations["results"] / "sphere_mnist32_smoke.json").read_text())
     (arm,) = res["arms"]
