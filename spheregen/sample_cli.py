@@ -192,8 +192,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     num_classes = int(getattr(model, "num_classes", 0))
     classes = parse_classes(args.classes, num_classes)
     labels = [c for c in classes for _ in range(args.n)]
-    options = {"cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "sampler": args.sampler, "steps": args.steps,
-               "temperature": args.temperature}
+    options = {"cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "sampler": args.sampler,
+               "temperature": args.temperature, "cfg_position": args.cfg_position,
+               "shared_noise": not args.fresh_noise, "gamma": args.gamma}
+    if args.steps is not None:  # else each model's own default
+        if args.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {args.steps}")
+        options["steps"] = args.steps
     written = []
     if args.out_dir:  # sharded over torchrun ranks, resumable: finished PNGs are kept and skipped
         arr = sample_to_dir(model, labels, args.seed, args.batch_size, options, Path(args.out_dir), num_classes,
@@ -230,10 +235,19 @@ def add_commands(sub) -> None:
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="linear",
                    help="constant s, or linear 1 + (s - 1) k / T over tokens k (default linear)")
-    p.add_argument("--steps", type=int, default=50, help="flow-head solver steps per token (default 50)")
+    p.add_argument("--steps", type=int,
+                   help="SphereAR: flow-head solver steps per token (default 100, as the reference); Sphere Encoder: "
+                        "decoder passes, 1-6 in the paper (default 4)")
     p.add_argument("--sampler", choices=["euler", "euler_maruyama", "heun"], default="euler_maruyama",
                    help="flow-head solver (default euler_maruyama)")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the initial and SDE noise")
+    se = p.add_argument_group("Sphere Encoder")
+    se.add_argument("--cfg-position", choices=["pixel", "latent", "combo"], default="combo",
+                    help="where CFG acts: decoder output, encoder output, or both with sqrt(s) (default combo)")
+    se.add_argument("--fresh-noise", action="store_true",
+                    help="draw new noise at every refinement step instead of one shared draw (Algorithm 1)")
+    se.add_argument("--gamma", type=float, default=0.0,
+                    help="noise-strength decay (1 - (t-1)/(T-1))^gamma over steps t, Eq. 13 (default 0: constant)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in the AR checkpoint)")

@@ -37,6 +37,7 @@ from .sphere import spherify
 from .sphere_encoder_nets import Decoder, Encoder, SphereEncoderConfig, sigma_max
 
 CFG_POSITIONS = ("pixel", "latent", "combo")
+DEFAULT_STEPS = 4  # decoder passes when `spheregen sample` is not given --steps
 __all__ = ["SphereEncoder", "SphereEncoderConfig", "CFG_POSITIONS", "stratified_uniform", "training_setup", "psnr"]
 
 
@@ -315,10 +316,10 @@ class SphereEncoder(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def generate_images(self, labels: torch.Tensor | None, seeds: list[int],
                         options: dict | None = None) -> torch.Tensor:
-        """The `spheregen sample` entry point. options: steps, cfg, cfg_position, shared_noise, gamma, r
-        (other keys are ignored); labels are ignored by an unconditional model."""
+        """The `spheregen sample` entry point. options: steps (default DEFAULT_STEPS), cfg, cfg_position,
+        shared_noise, gamma, r (other keys are ignored); labels are ignored by an unconditional model."""
         known = {"steps", "cfg", "cfg_position", "shared_noise", "gamma", "r"}
-        kwargs = {k: v for k, v in (options or {}).items() if k in known and v is not None}
+        kwargs = {"steps": DEFAULT_STEPS, **{k: v for k, v in (options or {}).items() if k in known and v is not None}}
         if self.config.num_classes == 0:
             labels = None
         return self.generate(labels, seeds=seeds, n=len(seeds), **kwargs)

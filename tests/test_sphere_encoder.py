@@ -376,3 +376,26 @@ def test_sample_command_runs_sphere_checkpoint(trained, tmp_path):
     assert cli_main(["sample", "--ckpt", ckpt, "--classes", "0,2", "--n", "2", "--steps", "2", "--cfg", "1.5",
                      "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
     assert Image.open(tmp_path / "g.png").size[1] == 2 * 16 + 3 * 2
+
+
+def test_sample_command_passes_sphere_options(trained, tmp_path):
+    """--cfg-position / --fresh-noise / --gamma reach generate(); without --steps the model's 4 passes are used."""
+    root, _ = trained
+    ckpt = str(root / "run" / "checkpoints" / "step_00000003")
+    model = load_model(ckpt).eval()
+
+    def sample(name: str, *extra: str) -> np.ndarray:
+        assert cli_main(["sample", "--ckpt", ckpt, "--classes", "0,2", "--n", "2", "--npz", str(tmp_path / name),
+                         "--quiet", *extra]) == 0
+        return np.load(tmp_path / name)["arr_0"]
+
+    def direct(**kw) -> np.ndarray:
+        from spheregen.sample_cli import to_uint8
+
+        with torch.no_grad():
+            return to_uint8(model.generate(torch.tensor([0, 0, 2, 2]), seeds=[0, 1, 2, 3], **kw))
+
+    assert np.array_equal(sample("d.npz"), direct(steps=4))
+    assert np.array_equal(sample("p.npz", "--steps", "4", "--cfg", "2", "--cfg-position", "pixel", "--fresh-noise",
+                                 "--gamma", "1"),
+                          direct(steps=4, cfg=2.0, cfg_position="pixel", shared_noise=False, gamma=1.0))
