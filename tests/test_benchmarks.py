@@ -139,3 +139,15 @@ def test_budget_overrides():
     for bad in ("ar_step=7", "ar_steps", "ar_steps=seven"):
         with pytest.raises(UserError, match="--set"):
             harness.get_budget("cpu", [bad])
+
+
+def test_param_counts_table(tmp_path):
+    """Every paper config builds on the meta device and lands within 7% of its reported size."""
+    import param_counts
+
+    out = tmp_path / "counts.md"
+    assert param_counts.main(["--out", str(out)]) == 0
+    rows = [r for r in out.read_text().splitlines() if r.startswith("| ") and "`configs/" in r]
+    assert len(rows) == len(param_counts.PAPER)
+    diffs = [float(r.split("|")[5].strip().rstrip("%")) for r in rows if r.split("|")[5].strip() != "-"]
+    assert len(diffs) == 8 and max(abs(d) for d in diffs) < 7.0
