@@ -306,15 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## 2. CFG robustness (Fig. 8)", "", "From the runs of section 1.", ""]
     for r in post:
         lines += robustness_section(r)
-    longer = load("posterior_mnist28", "cpu-ar1000", results) if bud == "cpu" else None
-    if longer:
-        lines += ["### Longer AR training: spherical against Gaussian on MNIST", "",
-                  "The same tokenizers as the MNIST table above (300 steps; their run folders were linked into "
-                  "the new one), AR models trained 4x longer, so that they begin to follow their classes: "
-                  "`benchmarks/ablate_posterior.py --data data/mnist28 --arms spherical,gaussian --set "
-                  "ar_steps=1000 --runs runs/ablate/posterior_mnist28-cpu-ar1000 --out "
-                  "benchmarks/results/posterior_mnist28_cpu-ar1000.json`.", ""]
-        lines += posterior_section(longer)[2:] + robustness_section(longer)
     lines += ["## 3. Inference speed against head steps and sampler (Fig. 7)", "",
               "`benchmarks/ablate_speed.py`, on the spherical MNIST arm of section 1.", ""]
     lines += speed_section(speed) if speed else ["(not run)", ""]
@@ -323,12 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     lines += sphere_section(sphere) if sphere else ["(not run)", ""]
     long_run = load("sphere_mnist32", "cpu-30min", results) if bud == "cpu" else None
     if long_run:
-        lines += ["### The tiny config trained for 30 minutes", "",
-                  "The reference arm at the config's own length (configs/sphere/mnist_tiny.toml, 4000 steps, about "
-                  "30 minutes on this CPU; the config `make demo-sphere` trains), scored by "
-                  "`benchmarks/ablate_sphere.py --arms alpha80 --set sphere_steps=4000 --set per_class=30 "
-                  "--runs runs/ablate/sphere_mnist32-cpu-30min "
-                  "--out benchmarks/results/sphere_mnist32_cpu-30min.json`.", ""]
+        lines += ["### The checkpoint `make demo-sphere` trains", "",
+                  "The tiny config at its own length (configs/sphere/mnist_tiny.toml, 4000 steps, about 30 minutes "
+                  "on this CPU), trained by `make demo-sphere` on a clean clone and scored with more samples per "
+                  "cell: `mkdir -p runs/ablate/sphere_mnist32-cpu-30min && ln -s $PWD/runs/demo/sphere_encoder "
+                  "runs/ablate/sphere_mnist32-cpu-30min/alpha80`, then `benchmarks/ablate_sphere.py --arms alpha80 "
+                  "--set sphere_steps=4000 --set per_class=50 --runs runs/ablate/sphere_mnist32-cpu-30min "
+                  "--out benchmarks/results/sphere_mnist32_cpu-30min.json` (without the link it trains the same "
+                  "config itself).", ""]
         lines += sphere_section(long_run)
     if DISCUSSION.is_file():
         lines += ["## Discussion", "", DISCUSSION.read_text().strip(), ""]
