@@ -32,7 +32,7 @@ data: $(DATA)/mnist28/images.npy $(DATA)/mnist32/images.npy
 demo: data
 	$(VENV)/bin/spheregen demo --data $(DATA)/mnist28 --out runs/demo --tokenizer-steps 1000
 
-# The Sphere Encoder on MNIST-32, grids at 1 and 4 steps (a second command: it trains for longer).
+# The Sphere Encoder on MNIST-32, grids at 1 and 4 steps and a guided one (a second command: it trains for longer).
 demo-sphere: data
 	$(VENV)/bin/spheregen demo --model sphere --data $(DATA)/mnist32 --out runs/demo
 
