@@ -151,3 +151,21 @@ def test_param_counts_table(tmp_path):
     assert len(rows) == len(param_counts.PAPER)
     diffs = [float(r.split("|")[5].strip().rstrip("%")) for r in rows if r.split("|")[5].strip() != "-"]
     assert len(diffs) == 8 and max(abs(d) for d in diffs) < 7.0
+
+
+def test_seed_spread_scores_disjoint_seed_sets(ablations):
+    """Three seed sets of one checkpoint: seeds do not overlap, and the first set reproduces the ablation's cell."""
+    import seed_spread
+
+    tmp = ablations["tmp"]
+    d28 = ablations["post_argv"][ablations["post_argv"].index("--data") + 1]
+    out = tmp / "spread.json"
+    assert seed_spread.main(["--data", d28, "--ckpt", str(tmp / "post" / "ar-spherical"), "--cfg", "4", "--sets", "3",
+                             "--runs", str(tmp / "spread"), "--out", str(out), "--budget", "smoke",
+                             "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert [r["seed"] for r in res["rows"]] == [0, 10, 20]
+    assert res["spread"]["fid"]["min"] <= res["spread"]["fid"]["mean"] <= res["spread"]["fid"]["max"]
+    post = json.loads((ablations["results"] / "posterior_mnist28_smoke.json").read_text())
+    cell = next(c for c in post["arms"][0]["cells"] if c["cfg"] == 4.0)
+    assert res["rows"][0]["fid"] == pytest.approx(cell["fid"]) and res["rows"][0]["acc"] == cell["acc"]
