@@ -83,13 +83,33 @@ def caveat_if_unconditional(cells: list[dict]) -> str:
     return ""
 
 
+def caveat_if_noise(gap: float, spread: dict | None) -> str:
+    """A FID gap smaller than twice the seed-to-seed standard deviation (benchmarks/seed_spread.py) is noise."""
+    if spread and "fid" in spread and abs(gap) < 2 * spread["fid"]["sd"]:
+        return (f", but within seed noise (a gap of {abs(gap):.1f} FID against 2 sd = "
+                f"{2 * spread['fid']['sd']:.1f} between seed sets)")
+    return ""
+
+
+def spread_line(spread_res: dict | None) -> str:
+    if not spread_res:
+        return ""
+    s, n = spread_res["spread"], len(spread_res["rows"])
+    names = {"fid": "FID", "acc": "class accuracy", "dfid": "dFID"}
+    parts = [f"{names[m]} {v['mean']:.{3 if m == 'acc' else 1}f} ± {v['sd']:.{3 if m == 'acc' else 1}f} (range "
+             f"{v['min']:.{3 if m == 'acc' else 1}f}–{v['max']:.{3 if m == 'acc' else 1}f})" for m, v in s.items()]
+    return (f"Seed noise (`benchmarks/seed_spread.py`): the spherical arm at CFG {spread_res['cfg']:g}, scored on {n} "
+            f"disjoint seed sets of the same size, gives {', '.join(parts)} (mean ± sd). Verdicts below call a FID "
+            "gap under 2 sd noise.")
+
+
 # -- 1 and 2: SphereAR ---------------------------------------------------------------------------------
 def best_fid(arm: dict) -> tuple[float, float]:
     cell = min(arm["cells"], key=lambda c: c["fid"])
     return cell["fid"], cell["cfg"]
 
 
-def posterior_section(res: dict) -> list[str]:
+def posterior_section(res: dict, spread_res: dict | None = None) -> list[str]:
     data = Path(res["data"]).name
     b = res["budget_values"]
     arms = {a["arm"]: a for a in res["arms"]}
@@ -98,6 +118,9 @@ def posterior_section(res: dict) -> list[str]:
            settings(res, f"tokenizer {b['tokenizer_steps']} steps ({res['tokenizer_config']}), AR "
                          f"{b['ar_steps']} steps ({res['ar_config']}), {res['sampler']} with {b['head_steps']} "
                          f"head steps, {res['cfg_schedule']} CFG; "), "", floor(res), ""]
+    spread = spread_res["spread"] if spread_res else None
+    if spread_res:
+        out += [spread_line(spread_res), ""]
     for metric, name in (("fid", "FID ↓"), ("acc", "class accuracy ↑"), ("dfid", "dFID ↓")):
         rows = [[a["arm"], a["posterior"], "yes" if a["ar_projection"] else "no", f(a["recon_psnr"])]
                 + [f(c.get(metric), ".3f" if metric == "acc" else ".1f") for c in a["cells"]] for a in res["arms"]]
@@ -127,13 +150,16 @@ def posterior_section(res: dict) -> list[str]:
     weak = caveat_if_unconditional([c for a in res["arms"] for c in a["cells"]])
     if {"1", "4"} <= fids.keys():
         order = sorted(fids, key=fids.get)
+        gap = fids["4"] - min(v for k, v in fids.items() if k != "4")
         out.append(verdict(fids["4"] == min(fids.values()), "FID falls from No. 1 to No. 4 (2.97, 2.89, 2.68, "
                            "2.52): the spherical posterior with AR projection is best.",
-                           f"rows ordered best to worst: {', '.join('No. ' + o for o in order)}.", weak))
+                           f"rows ordered best to worst: {', '.join('No. ' + o for o in order)}.",
+                           weak or caveat_if_noise(gap, spread)))
     if {"spherical", "spherical_noproj"} <= arms.keys():
         a, b2 = best_fid(arms["spherical"])[0], best_fid(arms["spherical_noproj"])[0]
         out.append(verdict(a < b2, "projecting the AR inputs and outputs matters more than normalising the "
-                           "decoder input.", f"spherical with projection {a:.1f}, without {b2:.1f}.", weak))
+                           "decoder input.", f"spherical with projection {a:.1f}, without {b2:.1f}.",
+                           weak or caveat_if_noise(a - b2, spread)))
     run_grids = run_dir(res) / "grids"
     grids = [(f"{n}, CFG {c:g}", copy_grid(run_grids / f"{n}_cfg{c:g}.png", f"{run_dir(res).name}_{n}_cfg{c:g}.png"))
              for n in ("spherical", "gaussian") for c in (cfgs[0], cfgs[-1])]
@@ -145,7 +171,7 @@ def posterior_section(res: dict) -> list[str]:
     return out
 
 
-def robustness_section(res: dict) -> list[str]:
+def robustness_section(res: dict, spread_res: dict | None = None) -> list[str]:
     data = Path(res["data"]).name
     arms = {a["arm"]: a for a in res["arms"]}
     gauss = [a for n, a in arms.items() if a["posterior"] in ("gaussian", "gaussian_norm")]
@@ -164,7 +190,8 @@ def robustness_section(res: dict) -> list[str]:
            verdict(rise["spherical"] < rise[g["arm"]], "the S-VAE model degrades less than the best Gaussian as "
                    "CFG grows to high scales (Fig. 8).", f"FID rises {rise['spherical']:.1f} (spherical) vs "
                    f"{rise[g['arm']]:.1f} ({g['arm']}) from each arm's best CFG to CFG {cfgs[-1]:g}.",
-                   caveat_if_unconditional(s["cells"] + g["cells"])), ""]
+                   caveat_if_unconditional(s["cells"] + g["cells"])
+                   or caveat_if_noise(rise["spherical"] - rise[g["arm"]], spread_res and spread_res["spread"])), ""]
     return out
 
 
@@ -302,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
               "`benchmarks/ablate_posterior.py`: one tokenizer per posterior and one AR model per arm, same steps, "
               "batch and seeds; only the posterior and the AR projection differ.", ""]
     for r in post:
-        lines += posterior_section(r)
+        lines += posterior_section(r, load(f"seed_spread_{Path(r['data']).name}", bud, results))
     lines += ["## 2. CFG robustness (Fig. 8)", "", "From the runs of section 1.", ""]
     for r in post:
-        lines += robustness_section(r)
+        lines += robustness_section(r, load(f"seed_spread_{Path(r['data']).name}", bud, results))
     lines += ["## 3. Inference speed against head steps and sampler (Fig. 7)", "",
               "`benchmarks/ablate_speed.py`, on the spherical MNIST arm of section 1.", ""]
     lines += speed_section(speed) if speed else ["(not run)", ""]

@@ -169,3 +169,14 @@ def test_seed_spread_scores_disjoint_seed_sets(ablations):
     post = json.loads((ablations["results"] / "posterior_mnist28_smoke.json").read_text())
     cell = next(c for c in post["arms"][0]["cells"] if c["cfg"] == 4.0)
     assert res["rows"][0]["fid"] == pytest.approx(cell["fid"]) and res["rows"][0]["acc"] == cell["acc"]
+    # the results page states the spread next to the table of the same dataset
+    import results_page
+
+    results = tmp / "with_spread"
+    results.mkdir()
+    (results / "posterior_mnist28_smoke.json").write_text((ablations["results"] / "posterior_mnist28_smoke.json")
+                                                          .read_text())
+    (results / "seed_spread_mnist28_smoke.json").write_text(out.read_text())
+    page = tmp / "spread_docs" / "results.md"
+    assert results_page.main(["--budget", "smoke", "--results", str(results), "--out", str(page)]) == 0
+    assert f"FID {res['spread']['fid']['mean']:.1f} ± {res['spread']['fid']['sd']:.1f}" in page.read_text()
