@@ -96,8 +96,10 @@ def spread_line(spread_res: dict | None) -> str:
         return ""
     s, n = spread_res["spread"], len(spread_res["rows"])
     names = {"fid": "FID", "acc": "class accuracy", "dfid": "dFID"}
-    parts = [f"{names[m]} {v['mean']:.{3 if m == 'acc' else 1}f} ± {v['sd']:.{3 if m == 'acc' else 1}f} (range "
-             f"{v['min']:.{3 if m == 'acc' else 1}f}–{v['max']:.{3 if m == 'acc' else 1}f})" for m, v in s.items()]
+    parts = []
+    for m, v in s.items():
+        fmt = ".3f" if m == "acc" else ".1f"
+        parts.append(f"{names[m]} {v['mean']:{fmt}} ± {v['sd']:{fmt}} (range {v['min']:{fmt}}–{v['max']:{fmt}})")
     return (f"Seed noise (`benchmarks/seed_spread.py`): the spherical arm at CFG {spread_res['cfg']:g}, scored on {n} "
             f"disjoint seed sets of the same size, gives {', '.join(parts)} (mean ± sd). Verdicts below call a FID "
             "gap under 2 sd noise.")
