@@ -4,7 +4,7 @@ Both are pre-norm ViTs (RMSNorm, SwiGLU, 2D RoPE in attention, fixed 2D sin-cos 
 class-conditioned by AdaLN-Zero on a per-network label table with a null row K (the CFG "unconditional" label).
 
     E: patchify (Conv P x P, then Conv 1x1) -> +pos -> blocks -> ModulatedLinear(W -> d) (zero-init)
-       -> MLP-Mixer(N, d) ending in a learned-affine RMSNorm                          -> z [B, N, d]
+       -> MLP-Mixer(N, d) ending in a learned-affine RMSNorm [-> BatchNorm, optional] -> z [B, N, d]
     D: Linear(d -> W) -> MLP-Mixer(N, W) (this stem is N(0, 1)-initialised) -> +pos -> blocks
        -> head: "linear" ModulatedLinear(W -> P^2 C) (zero-init), unpatchify, residual reflect-Conv3x3, tanh
                 "conv"   ModulatedLinear(W -> c), Conv3x3, SiLU, ConvTranspose(c -> C, k = P + 2, stride P), tanh
@@ -51,6 +51,9 @@ class SphereEncoderConfig:
     mix_max_deg: float = 89.0
     mix_mode: str = "code"  # "code": r_N = 1 + u (ratio - 1), the mask's own u; "uniform": angle ~ U[alpha, alpha_mix]
     spherify_eps: float = 1e-6
+    # BatchNorm (no affine) on the encoder output before spherify, per latent coordinate (App. C.3, Table 11):
+    # every coordinate gets zero batch mean and unit variance, which spreads the posterior over the sphere
+    latent_bn: bool = False
     # conditioning
     label_dropout: float = 0.1
     # losses (Eq. 7-10; images in [0, 1]); the official CIFAR-10 weights as defaults
@@ -165,13 +168,15 @@ class Encoder(_ViT):
         self.proj = nn.Conv2d(W, W, 1)
         self.out = ModulatedLinear(W, cfg.latent_dim, self.cond_dim)
         self.mixer = MLPMixer(cfg.n_tokens, cfg.latent_dim, cfg.mixer_depth)
+        self.bn = nn.BatchNorm1d(cfg.latent_size, affine=False) if cfg.latent_bn else None
         init_linears(self)
         self.out.zero_init()
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         c = self.cond(labels)
         h = self.proj(self.patch(x)).flatten(2).transpose(1, 2)  # [B, N, W]
-        return self.mixer(self.out(self.trunk(h, c), c))
+        z = self.mixer(self.out(self.trunk(h, c), c))
+        return z if self.bn is None else self.bn(z.flatten(1)).view_as(z)
 
 
 class Decoder(_ViT):

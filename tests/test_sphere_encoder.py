@@ -61,6 +61,24 @@ def test_spherify_puts_model_latents_on_radius_sqrt_L():
     assert torch.allclose(noisy.flatten(1).norm(dim=1), torch.full_like(norms, math.sqrt(L)), rtol=1e-4)
 
 
+def test_latent_bn_centres_every_coordinate_and_its_stats_are_saved(tmp_path):
+    model = tiny_model(latent_bn=True).train()
+    x, y = batch(16)
+    x = x * 0.1 + 0.5  # a tight cluster of inputs: without BN their latents share one direction
+    z = model.encode(x, y).flatten(1)
+    assert torch.allclose(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4)
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(z.shape[1]), atol=0.05)  # eps = 1e-5
+    plain = tiny_model(latent_bn=False).train()
+    mean_dir = lambda v: float(v.flatten(1).div(v.flatten(1).norm(dim=1, keepdim=True)).mean(0).norm())  # noqa: E731
+    assert mean_dir(model.encode_sphere(x, y)) < 0.5 * mean_dir(plain.encode_sphere(x, y))
+    model.eval()
+    assert model.encoder.bn.num_batches_tracked > 0
+    model.save_pretrained(tmp_path / "m")
+    again = SphereEncoder.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(again.encoder.bn.running_mean, model.encoder.bn.running_mean)
+    assert torch.equal(again.encode(x, y), model.encode(x, y))
+
+
 @pytest.mark.parametrize("alpha", [30.0, 60.0, 80.0, 85.0])
 def test_noise_angle_matches_alpha(alpha):
     """With sigma = tan(alpha), angle(v, f(v + sigma e)) averages alpha for L = 2048 (Sec. 2.2)."""
