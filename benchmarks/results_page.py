@@ -233,7 +233,9 @@ def sphere_section(res: dict) -> list[str]:
     run_grids, tag = run_dir(res) / "grids", run_dir(res).name
     plain = {n: [c for c in a["cells"] if c["cfg"] == 1.0 and c.get("shared_noise", True)] for n, a in arms.items()}
     steps = [c["steps"] for c in next(iter(plain.values()))]
-    out = [settings(res, f"{b['sphere_steps']} training steps of {res['config']} per arm; "), "", floor(res), ""]
+    out = [settings(res, f"{b['sphere_steps']} training steps of {res['config']} per arm; "), ""]
+    out += [f"*{res['note']}*", ""] if res.get("note") else []
+    out += [floor(res), ""]
     for metric, name in (("fid", "FID ↓"), ("acc", "class accuracy ↑"), ("dfid", "dFID ↓")):
         out += [f"**{name}** against sampling steps (no CFG)", "",
                 table(["arm", "overrides", "recon PSNR (dB)"] + [f"{s} step{'s' * (s > 1)}" for s in steps],
@@ -243,7 +245,7 @@ def sphere_section(res: dict) -> list[str]:
     out += [plot(Path(f"{tag}_steps_fid.png"), steps, {n: [c["fid"] for c in cs] for n, cs in plain.items()},
                  "sampling steps", "FID", "Sphere Encoder: FID vs steps"), ""]
     at = {n: {c["steps"]: c["fid"] for c in cs} for n, cs in plain.items()}
-    ref = "alpha80"
+    ref = res.get("reference", "alpha80")  # the arm equal to the config (results before it was recorded: alpha80)
     weak = caveat_if_unconditional([c for a in arms.values() for c in a["cells"]])
     if ref in at and 1 in at[ref] and 4 in at[ref]:
         out.append(verdict(at[ref][4] < at[ref][1], "more steps lower FID (1 → 4 steps).",
@@ -343,14 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     lines += sphere_section(sphere) if sphere else ["(not run)", ""]
     long_run = load("sphere_mnist32", "cpu-30min", results) if bud == "cpu" else None
     if long_run:
+        arm = long_run.get("reference", "alpha80")
         lines += ["### The checkpoint `make demo-sphere` trains", "",
-                  "The tiny config at its own length (configs/sphere/mnist_tiny.toml, 4000 steps, about 30 minutes "
-                  "on this CPU), trained by `make demo-sphere` on a clean clone and scored with more samples per "
-                  "cell: `mkdir -p runs/ablate/sphere_mnist32-cpu-30min && ln -s $PWD/runs/demo/sphere_encoder "
-                  "runs/ablate/sphere_mnist32-cpu-30min/alpha80`, then `benchmarks/ablate_sphere.py --arms alpha80 "
-                  "--set sphere_steps=4000 --set per_class=50 --runs runs/ablate/sphere_mnist32-cpu-30min "
-                  "--out benchmarks/results/sphere_mnist32_cpu-30min.json` (without the link it trains the same "
-                  "config itself).", ""]
+                  f"The tiny config at its own length ({long_run['config']}, "
+                  f"{long_run['budget_values']['sphere_steps']} steps, 30-50 minutes on these CPUs), scored with more "
+                  "samples per cell: `mkdir -p runs/ablate/sphere_mnist32-cpu-30min && ln -s "
+                  f"$PWD/runs/demo/sphere_encoder runs/ablate/sphere_mnist32-cpu-30min/{arm}`, then "
+                  f"`benchmarks/ablate_sphere.py --arms {arm} --set sphere_steps=4000 --set per_class=50 "
+                  "--runs runs/ablate/sphere_mnist32-cpu-30min --out benchmarks/results/sphere_mnist32_cpu-30min.json` "
+                  "(without the link it trains the same config itself).", ""]
         lines += sphere_section(long_run)
     if DISCUSSION.is_file():
         lines += ["## Discussion", "", DISCUSSION.read_text().strip(), ""]

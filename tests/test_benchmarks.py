@@ -43,7 +43,7 @@ def ablations(tmp_path_factory):
     post_argv = ["--data", d28, "--arms", "spherical,gaussian_norm_noproj", "--runs", str(tmp / "post"),
                  "--out", str(results / "posterior_mnist28_smoke.json"), *common]
     assert posterior.main(post_argv) == 0
-    assert sphere.main(["--data", d32, "--arms", "alpha80", "--runs", str(tmp / "sphere"),
+    assert sphere.main(["--data", d32, "--arms", "alpha85", "--runs", str(tmp / "sphere"),
                         "--out", str(results / "sphere_mnist32_smoke.json"), *common]) == 0
     assert speed.main(["--data", d28, "--ckpt", str(tmp / "post" / "ar-spherical"), "--head-steps", "1,3",
                        "--samplers", "euler", "--runs", str(tmp / "speed"),
@@ -105,7 +105,7 @@ def test_sphere_ablation_scores_steps_and_cfg_positions(ablations):
     assert keys[4:] == [(4, 2.0, "pixel", True), (4, 2.0, "latent", True), (4, 2.0, "combo", True),
                         (4, 1.0, "combo", False)]
     grids = {p.name for p in (ablations["tmp"] / "sphere" / "grids").glob("*.png")}
-    assert grids == {f"alpha80_{k}.png" for k in ("steps1", "steps2", "steps4", "steps6", "steps4_cfg2_pixel",
+    assert grids == {f"alpha85_{k}.png" for k in ("steps1", "steps2", "steps4", "steps6", "steps4_cfg2_pixel",
                                                   "steps4_cfg2_latent", "steps4_cfg2_combo", "steps4_fresh")}
 
 
