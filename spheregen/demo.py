@@ -64,7 +64,7 @@ def demo_sphere_encoder(data: str, out: Path, steps: int | None) -> list[Path]:
         grid = out / f"sphere_encoder_samples_{t}step.png"
         run_spheregen("sample", "--ckpt", str(ckpt), "--n", "8", "--steps", str(t), "--out", str(grid))
         grids.append(grid)
-    # guidance in pixel space: at this size it lifts class accuracy from ~0.63 to ~0.86 (docs/results.md, sec. 4)
+    # and with guidance in pixel space, the best CFG position at this size (docs/results.md, sec. 4)
     grid = out / "sphere_encoder_samples_4step_cfg3_pixel.png"
     run_spheregen("sample", "--ckpt", str(ckpt), "--n", "8", "--steps", "4", "--cfg", "3", "--cfg-position", "pixel",
                   "--out", str(grid))
