@@ -59,11 +59,11 @@ def plot(path: Path, xs, series: dict[str, list], xlabel: str, ylabel: str, titl
 
 
 def copy_grid(src: Path, name: str) -> str | None:
-    if not src.is_file():
-        return None
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, IMAGES / name)
-    return f"images/results/{name}"
+    """The run's grid copied into docs/images/results; without the run (another machine), the copy made earlier."""
+    if src.is_file():
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, IMAGES / name)
+    return f"images/results/{name}" if (IMAGES / name).is_file() else None
 
 
 def run_dir(res: dict) -> Path:
