@@ -30,6 +30,7 @@ from .layers import Block, KVCache, RMSNorm, grid_positions, rope_angles, swiglu
 from .sphere import project
 
 CFG_SCHEDULES = ("constant", "linear")
+FIRST_TOKEN_MODES = ("shared", "independent")
 # The options dict of `generate_images` (shared with the Sphere Encoder's method of the same name).
 DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "linear", "sampler": "euler_maruyama", "steps": 100,
                     "temperature": 1.0, "progress": False}
@@ -48,6 +49,7 @@ class ARConfig:
     n_layers: int = 24
     n_heads: int = 12
     mlp_multiple_of: int = 256  # SwiGLU hidden = round_up(8 dim / 3, this)
+    mlp_hidden: int | None = None  # an explicit SwiGLU hidden width (converted checkpoints); None: the rule above
     n_cls_tokens: int = 16
     rope_theta: float = 10000.0
     # flow head
@@ -60,6 +62,10 @@ class ARConfig:
     # the sphere constraint (off only for the ablation)
     project_inputs: bool = True
     project_outputs: bool = True
+    # sampling default for tokens whose guidance scale s_k is 1 (token 0 under the linear schedule):
+    # "shared" (native): the null rows take the conditional token, as for every later token;
+    # "independent" (the authors' sampler): cond and null rows each solve their own token with their own noise
+    first_token: str = "shared"
 
 
 @register_model("ar")
@@ -80,7 +86,9 @@ class SphereAR(PretrainedMixin, nn.Module):
         self.cls_embedding = nn.Embedding(c.num_classes + 1, c.n_cls_tokens * c.dim)
         self.proj_in = nn.Linear(c.token_dim, c.dim)
         self.emb_norm = RMSNorm(c.dim)
-        hidden = swiglu_hidden(c.dim, c.mlp_multiple_of)
+        if c.first_token not in FIRST_TOKEN_MODES:
+            raise UserError(f"model.first_token must be one of {', '.join(FIRST_TOKEN_MODES)}, got {c.first_token!r}")
+        hidden = c.mlp_hidden or swiglu_hidden(c.dim, c.mlp_multiple_of)
         self.blocks = nn.ModuleList(Block(c.dim, c.n_heads, hidden) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim)
         self.pos_for_diff = nn.Embedding(self.seq_len, c.dim)  # the target token's position, added before the head

@@ -51,7 +51,9 @@ def write_dir_atomically(final: Path, write: Any) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
+            if not f.is_file():
+                continue
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():

@@ -10,7 +10,7 @@ import sys
 from .errors import UserError
 
 # Modules that register subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["data", "train_cli", "tokenizer", "sample_cli", "sphere_encoder", "edit", "metrics", "demo"]
+COMMAND_MODULES = ["data", "train_cli", "tokenizer", "sample_cli", "convert_cli", "sphere_encoder", "edit", "metrics", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

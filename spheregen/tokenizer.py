@@ -60,6 +60,7 @@ class TokenizerConfig:
     disc_start: int = 20000
     disc_ndf: int = 64
     disc_layers: int = 3
+    decoder_conv_bias: bool = True  # biases on the decoder's stem and output convs (the authors' VAE has none)
 
 
 def _gn(c: int) -> nn.GroupNorm:
@@ -104,10 +105,15 @@ class ViT(nn.Module):
         self.registers = nn.Parameter(torch.zeros(cfg.n_registers, cfg.dim)) if cfg.n_registers else None
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_heads, cfg.mlp_hidden) for _ in range(depth))
 
+    def rope_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """RoPE angles [n_registers + h*w, head_dim/2]: registers at (0, 0), patch centres at (col, row) + 1.5."""
+        n_reg = 0 if self.registers is None else self.registers.shape[0]
+        pos = torch.cat([torch.zeros(n_reg, 2), grid_positions(*grid, offset=1.5)])
+        return rope_angles(pos, self.head_dim, self.theta)
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         n_reg = 0 if self.registers is None else self.registers.shape[0]
-        pos = torch.cat([torch.zeros(n_reg, 2), grid_positions(*grid, offset=1.5)]).to(x.device)
-        rope = rope_angles(pos, self.head_dim, self.theta)
+        rope = self.rope_table(grid).to(x.device)
         if n_reg:
             x = torch.cat([self.registers.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for blk in self.blocks:
@@ -191,12 +197,13 @@ class Tokenizer(PretrainedMixin, nn.Module):
         self.quant_proj = nn.Linear(cfg.dim, n_out)
         # decoder
         self.post_quant_proj = nn.Linear(d, cfg.dim, bias=False)
-        self.dec_conv = nn.Conv2d(cfg.dim, cfg.dim, 3, 1, 1)
+        self.dec_conv = nn.Conv2d(cfg.dim, cfg.dim, 3, 1, 1, bias=cfg.decoder_conv_bias)
         self.decoder = ViT(cfg, cfg.dec_depth)
         self.dec_out = nn.Conv2d(cfg.dim, ch[-1], 1, bias=False) if ch[-1] != cfg.dim else nn.Identity()
         rev = ch[::-1]
         self.up = nn.Sequential(*(ResUp(rev[i], rev[i + 1]) for i in range(stages)))
-        self.conv_out = nn.Sequential(_gn(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.in_channels, 3, 1, 1))
+        self.conv_out = nn.Sequential(_gn(ch[0]), nn.SiLU(),
+                                      nn.Conv2d(ch[0], cfg.in_channels, 3, 1, 1, bias=cfg.decoder_conv_bias))
         self._init_weights()
         if cfg.disc_weight > 0:
             if cfg.image_size // 2 ** cfg.disc_layers < 3:
