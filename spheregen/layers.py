@@ -91,13 +91,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = False):
+    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -131,10 +131,10 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, mlp_hidden: int, qkv_bias: bool = False,
-                 cond_dim: int | None = None, mlp_bias: bool = False):
+                 cond_dim: int | None = None, mlp_bias: bool = False, proj_bias: bool = False):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
-        self.attn = Attention(dim, n_heads, qkv_bias)
+        self.attn = Attention(dim, n_heads, qkv_bias, proj_bias)
         self.mlp = SwiGLU(dim, mlp_hidden, bias=mlp_bias)
         self.adaln = None
         if cond_dim is not None:

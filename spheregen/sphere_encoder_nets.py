@@ -37,12 +37,19 @@ class SphereEncoderConfig:
     depth: int = 12
     heads: int = 12
     mixer_depth: int = 4
+    dec_mixer_depth: int = -1  # the decoder's mixer depth (-1: mixer_depth, as in every spheregen config)
     qkv_bias: bool = True
     mlp_bias: bool = True
     rope_theta: float = 10000.0
     head: str = "linear"  # decoder output head: "linear" | "conv" (the CIFAR script's head)
     conv_head_channels: int = 32
     stem_init_std: float = 1.0  # std of the decoder stem's Linears (the reference code uses N(0, 1))
+    # the authors' code choices (the paper configs select them; the defaults keep spheregen's own checkpoints)
+    attn_proj_bias: bool = False  # a bias on the attention output projection (the authors: yes)
+    uncond_head_norm: bool = True  # unconditional models: RMSNorm before the output Linears (the authors: none)
+    head_residual: bool = True  # linear head: tanh(x + conv(x)) (spheregen) or tanh(conv(x)) (the authors)
+    conv_head_authors: bool = False  # conv head: reflect-padded Conv3x3, xavier gain-0.01 convs (the authors)
+    pos_order: str = "row_col"  # sin-cos channel halves: rows then columns, or columns then rows ("col_row")
     # noisy spherify (Sec. 2.2): sigma_max = tan(alpha); hard-case mixing up to min(alpha + extra, max) degrees
     alpha_deg: float = 80.0  # 80 for 32 px, 85 for 256 px
     noisy_max: float = 0.5  # v_noisy uses r * s with s in [0, noisy_max]
@@ -89,6 +96,8 @@ class SphereEncoderConfig:
             raise ValueError(f"width {self.width} must be divisible by 4 (sin-cos positions)")
         if self.head not in ("linear", "conv"):
             raise ValueError(f"head must be 'linear' or 'conv', got {self.head!r}")
+        if self.pos_order not in ("row_col", "col_row"):
+            raise ValueError(f"pos_order must be 'row_col' or 'col_row', got {self.pos_order!r}")
         if self.mix_mode not in ("code", "uniform"):
             raise ValueError(f"mix_mode must be 'code' or 'uniform', got {self.mix_mode!r}")
         if not 0 < self.alpha_deg < 90:
@@ -105,18 +114,21 @@ class LabelEmbedder(nn.Module):
         nn.init.normal_(self.table.weight, std=0.02)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Rows of the table for ids [B]; for soft labels [B, K + 1] (float) the weighted sum w @ table."""
+        if labels.is_floating_point():
+            return labels.to(self.table.weight.dtype) @ self.table.weight
         return self.table(labels)
 
 
 class ModulatedLinear(nn.Module):
     """y = Linear(modulate(RMSNorm(x), shift, scale)), (shift, scale) = Linear(SiLU(c)) (zero-init), Linear zero-init.
 
-    Without cond_dim there is no modulation: y = Linear(RMSNorm(x)).
+    Without cond_dim there is no modulation: y = Linear(RMSNorm(x)), or y = Linear(x) with norm=False.
     """
 
-    def __init__(self, dim: int, out_dim: int, cond_dim: int | None):
+    def __init__(self, dim: int, out_dim: int, cond_dim: int | None, norm: bool = True):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        self.norm = RMSNorm(dim) if norm or cond_dim else None
         self.linear = nn.Linear(dim, out_dim)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim)) if cond_dim else None
 
@@ -126,7 +138,7 @@ class ModulatedLinear(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm(x)
+        h = self.norm(x) if self.norm is not None else x
         if self.adaln is not None:
             shift, scale = self.adaln(c).chunk(2, dim=-1)
             h = modulate(h, shift, scale)
@@ -142,9 +154,10 @@ class _ViT(nn.Module):
         self.cond_dim = W if cfg.num_classes > 0 else None
         self.labels = LabelEmbedder(cfg.num_classes, W) if cfg.num_classes > 0 else None
         self.blocks = nn.ModuleList(
-            Block(W, cfg.heads, swiglu_hidden(W), cfg.qkv_bias, self.cond_dim, cfg.mlp_bias) for _ in range(cfg.depth)
+            Block(W, cfg.heads, swiglu_hidden(W), cfg.qkv_bias, self.cond_dim, cfg.mlp_bias, cfg.attn_proj_bias)
+            for _ in range(cfg.depth)
         )
-        self.register_buffer("pos", sincos_pos_embed_2d(g, g, W), persistent=False)
+        self.register_buffer("pos", pos_table(cfg), persistent=False)
         self.register_buffer("rope", rope_angles(grid_positions(g, g), W // cfg.heads, cfg.rope_theta),
                              persistent=False)
 
@@ -166,7 +179,7 @@ class Encoder(_ViT):
         P, W = cfg.patch_size, cfg.width
         self.patch = nn.Conv2d(cfg.channels, W, P, stride=P, bias=False)
         self.proj = nn.Conv2d(W, W, 1)
-        self.out = ModulatedLinear(W, cfg.latent_dim, self.cond_dim)
+        self.out = ModulatedLinear(W, cfg.latent_dim, self.cond_dim, cfg.uncond_head_norm)
         self.mixer = MLPMixer(cfg.n_tokens, cfg.latent_dim, cfg.mixer_depth)
         self.bn = nn.BatchNorm1d(cfg.latent_size, affine=False) if cfg.latent_bn else None
         init_linears(self)
@@ -187,23 +200,24 @@ class Decoder(_ViT):
         P, W, C = cfg.patch_size, cfg.width, cfg.channels
         self.cfg = cfg
         self.inp = nn.Linear(cfg.latent_dim, W)
-        self.mixer = MLPMixer(cfg.n_tokens, W, cfg.mixer_depth)
+        self.mixer = MLPMixer(cfg.n_tokens, W, cfg.mixer_depth if cfg.dec_mixer_depth < 0 else cfg.dec_mixer_depth)
         if cfg.head == "linear":
-            self.out = ModulatedLinear(W, P * P * C, self.cond_dim)
+            self.out = ModulatedLinear(W, P * P * C, self.cond_dim, cfg.uncond_head_norm)
             self.refine = nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect")
         else:
             ch = cfg.conv_head_channels
-            self.out = ModulatedLinear(W, ch, self.cond_dim)
-            self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+            self.out = ModulatedLinear(W, ch, self.cond_dim, cfg.uncond_head_norm)
+            self.conv = nn.Conv2d(ch, ch, 3, padding=1, padding_mode="reflect" if cfg.conv_head_authors else "zeros")
             self.up = nn.ConvTranspose2d(ch, C, P + 2, stride=P, padding=1)
         init_linears(self)
         for lin in [self.inp] + [m for m in self.mixer.modules() if isinstance(m, nn.Linear)]:
             nn.init.normal_(lin.weight, std=cfg.stem_init_std)
             nn.init.zeros_(lin.bias)
         self.out.zero_init()
-        if cfg.head == "linear":
-            nn.init.xavier_uniform_(self.refine.weight, gain=0.01)
-            nn.init.zeros_(self.refine.bias)
+        small = [self.refine] if cfg.head == "linear" else [self.conv, self.up] if cfg.conv_head_authors else []
+        for conv in small:
+            nn.init.xavier_uniform_(conv.weight, gain=0.01)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         cfg, c = self.cfg, self.cond(labels)
@@ -212,7 +226,9 @@ class Decoder(_ViT):
         if cfg.head == "linear":
             x = self.out(h, c).view(B, g, g, P, P, cfg.channels)
             x = x.permute(0, 5, 1, 3, 2, 4).reshape(B, cfg.channels, g * P, g * P)  # unpatchify
-            return torch.tanh(x + self.refine(x))  # a near-identity residual smoothing conv at init
+            if cfg.head_residual:
+                return torch.tanh(x + self.refine(x))  # a near-identity residual smoothing conv at init
+            return torch.tanh(self.refine(x))  # the authors' head: the conv output itself
         x = self.out(h, c).transpose(1, 2).reshape(B, -1, g, g)
         return torch.tanh(self.up(F.silu(self.conv(x))))
 
@@ -228,6 +244,14 @@ def init_linears(module: nn.Module) -> None:
         if isinstance(m, Block) and m.adaln is not None:
             nn.init.zeros_(m.adaln[1].weight)
             nn.init.zeros_(m.adaln[1].bias)
+
+
+def pos_table(cfg: SphereEncoderConfig) -> torch.Tensor:
+    """The fixed 2D sin-cos table [N, W]: [sin, cos](row w), [sin, cos](col w), or col first ("col_row")."""
+    table = sincos_pos_embed_2d(cfg.grid, cfg.grid, cfg.width)
+    if cfg.pos_order == "col_row":
+        table = torch.cat(table.chunk(2, dim=-1)[::-1], dim=-1)
+    return table
 
 
 def sigma_max(cfg: SphereEncoderConfig) -> float:
