@@ -20,11 +20,8 @@ e' drawn once and shared across steps (or fresh per step), r_t = (1 - (t - 1)/(T
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,13 +29,14 @@ from torch import nn
 from .checkpoint import PretrainedMixin, register_model
 from .config import from_dict
 from .errors import UserError
-from .sample_cli import save_grid
 from .sphere import spherify
+from .sphere_encoder_eval import add_commands, make_eval_fn, psnr, recalibrate_bn
 from .sphere_encoder_nets import Decoder, Encoder, SphereEncoderConfig, sigma_max
 
 CFG_POSITIONS = ("pixel", "latent", "combo")
 DEFAULT_STEPS = 4  # decoder passes when `spheregen sample` is not given --steps
-__all__ = ["SphereEncoder", "SphereEncoderConfig", "CFG_POSITIONS", "stratified_uniform", "training_setup", "psnr"]
+__all__ = ["SphereEncoder", "SphereEncoderConfig", "CFG_POSITIONS", "stratified_uniform", "training_setup", "psnr",
+           "recalibrate_bn", "add_commands"]
 
 
 def stratified_uniform(n: int, device=None) -> torch.Tensor:
@@ -86,11 +84,26 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         return (self.config.n_tokens, self.config.latent_dim)
 
     def _labels(self, labels: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+        """Class ids [B] (long), or soft labels [B, K + 1] (float: weights of the label-table rows, so the
+        embedding is sum_k w_k table_k, e.g. a lerp of two classes' embeddings, Fig. 6)."""
         if self.config.num_classes == 0:
             return None
         if labels is None:
             return torch.full((n,), self.null_label, dtype=torch.long, device=device)
+        if labels.is_floating_point():
+            return labels.to(device=device)
         return labels.to(device=device, dtype=torch.long)
+
+    def _null_like(self, y: torch.Tensor) -> torch.Tensor:
+        """The null label for every sample of y, as ids or as one-hot soft labels."""
+        if y.is_floating_point():
+            return F.one_hot(torch.full(y.shape[:1], self.null_label, device=y.device), y.shape[1]).to(y.dtype)
+        return torch.full_like(y, self.null_label)
+
+    def soft_labels(self, weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Soft labels [B, K + 1] = sum_j weights[:, j] onehot(classes[:, j]) (classes may hold the null id)."""
+        onehot = F.one_hot(classes.long(), self.num_classes + 1).to(weights.dtype)
+        return (weights.unsqueeze(-1) * onehot).sum(1)
 
     def spherify(self, z: torch.Tensor) -> torch.Tensor:
         """f(z): ||f(z)|| = sqrt(L) per sample (Eq. 1)."""
@@ -242,7 +255,7 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         y = self._labels(labels, len(inp), inp.device)
         if y is None or scale == 1.0:
             return net(inp, y)
-        null = torch.full_like(y, self.null_label)
+        null = self._null_like(y)
         cond, uncond = net(torch.cat([inp, inp]), torch.cat([y, null])).chunk(2)
         return uncond + scale * (cond - uncond)
 
@@ -285,30 +298,39 @@ class SphereEncoder(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor | None, steps: int = 1, cfg: float = 1.0, cfg_position: str = "combo",
                  shared_noise: bool = True, gamma: float = 0.0, r: float = 1.0, seeds=None,
-                 generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, n: int | None = None,
+                 noise: Callable[[], torch.Tensor] | None = None, trace: list | None = None) -> torch.Tensor:
         """Algorithm 1: T = `steps` decoder passes from e ~ N(0, I); images [B, C, H, W] in [-1, 1].
 
-        labels: class ids [B] (None: the null label / unconditional, then pass n). seeds: one int per sample
-        (sample k then depends only on seeds[k]); else `generator` (or the global RNG) draws the batch.
+        labels: class ids [B] or soft labels [B, K + 1] (None: the null label / unconditional, then pass n).
+        seeds: one int per sample (sample k then depends only on seeds[k]); else `generator` (or the global
+        RNG) draws the batch; `noise`, if given, returns every draw instead (first e, then e').
+        `trace`, if given, receives the image after every step (the 1-step image first).
         """
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         device = next(self.parameters()).device
         B = len(labels) if labels is not None else (n or (len(seeds) if seeds is not None else 1))
         self.check_labels(labels)
-        noise = self._noise_source(B, device, seeds, generator)
+        noise = noise or self._noise_source(B, device, seeds, generator)
         _, s_pix = self._cfg_scales(cfg, cfg_position)
         x = self._decode_guided(self.spherify(noise()), labels, s_pix)
-        return self.refine(x, labels, steps - 1, r, gamma, cfg, cfg_position, shared_noise, noise=noise)
+        if trace is not None:
+            trace.append(x.clamp(-1, 1))
+        return self.refine(x, labels, steps - 1, r, gamma, cfg, cfg_position, shared_noise, noise=noise, trace=trace)
 
     def check_labels(self, labels) -> None:
-        """UserError unless every label is a class id in [0, num_classes)."""
+        """UserError unless every label is a class id in [0, num_classes) (or a soft label [B, K + 1])."""
         if labels is None:
             return
         labels = torch.as_tensor(labels)
         K = self.config.num_classes
         if K == 0:
             raise UserError("this Sphere Encoder is unconditional; do not pass class ids")
+        if labels.is_floating_point():
+            if labels.dim() != 2 or labels.shape[1] != K + 1:
+                raise UserError(f"soft labels must have shape [B, {K + 1}], got {tuple(labels.shape)}")
+            return
         if labels.numel() and (labels.min() < 0 or labels.max() >= K):
             bad = int(labels[(labels < 0) | (labels >= K)][0])
             raise UserError(f"class id {bad} is out of range; this model has classes 0..{K - 1}")
@@ -323,47 +345,6 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         if self.config.num_classes == 0:
             labels = None
         return self.generate(labels, seeds=seeds, n=len(seeds), **kwargs)
-
-
-# -- images and evaluation ----------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over images of 10 log10(1 / MSE) on [0, 1] images (inputs in [-1, 1])."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
-def grid_labels(num_classes: int, per_class: int) -> torch.Tensor | None:
-    """Class ids for a grid: each class repeated per_class times (rows = classes), None if unconditional."""
-    if num_classes == 0:
-        return None
-    return torch.arange(num_classes).repeat_interleave(per_class)
-
-
-def make_eval_fn(dataset, n_recon: int = 64, per_class: int = 8, steps: tuple[int, ...] = (1, 4)):
-    """eval_fn(model, step, out_dir): sample grids at 1 and 4 steps (fixed seeds) and reconstruction PSNR."""
-    recon_idx = np.linspace(0, len(dataset) - 1, min(n_recon, len(dataset))).astype(np.int64)
-    x_ref, _ = dataset.get_batch(recon_idx)
-
-    def eval_fn(model: SphereEncoder, step: int, out_dir: Path) -> dict[str, float]:
-        device = next(model.parameters()).device
-        K = model.config.num_classes
-        labels = grid_labels(min(K, 10), per_class)
-        n = len(labels) if labels is not None else 64
-        seeds = list(range(n))
-        out = {}
-        for T in steps:
-            t0 = time.perf_counter()
-            imgs = model.generate(labels.to(device) if labels is not None else None, steps=T, seeds=seeds, n=n)
-            out[f"gen{T}_s_per_img"] = (time.perf_counter() - t0) / n
-            save_grid(imgs, n // per_class if K else 8, out_dir / f"samples_step{step:08d}_{T}steps.png")
-        x = x_ref.to(device)
-        rec = model.reconstruct(x)
-        out["recon_psnr"] = psnr(rec, x)
-        save_grid(torch.cat([x[:16], rec[:16]]), 2, out_dir / f"recon_step{step:08d}.png")
-        print(f"eval at step {step}: recon PSNR {out['recon_psnr']:.2f} dB; grids in {out_dir}")
-        return out
-
-    return eval_fn
 
 
 def training_setup(config: dict, args) -> tuple[SphereEncoder, object, Callable]:
