@@ -33,7 +33,7 @@ CFG_SCHEDULES = ("constant", "linear")
 FIRST_TOKEN_MODES = ("shared", "independent")
 # The options dict of `generate_images` (shared with the Sphere Encoder's method of the same name).
 DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "linear", "sampler": "euler_maruyama", "steps": 100,
-                    "temperature": 1.0, "progress": False}
+                    "temperature": 1.0, "progress": False, "first_token": None}
 
 
 @dataclass
@@ -177,30 +177,28 @@ class SphereAR(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def generate(self, labels, seeds: list[int], sampler: str = "euler_maruyama", steps: int = 100,
                  cfg: float | None = None, cfg_schedule: str = "linear", temperature: float = 1.0,
-                 use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                 use_cache: bool = True, progress: bool = False, first_token: str | None = None,
+                 noise: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Sample latent tokens [B, T, d] for `labels`, sample k drawing all its noise from seed seeds[k].
 
         cfg None: no guidance (conditional rows only). cfg s: cond and null rows in one batch sharing the
-        head's noise, guided velocity at every solver step. use_cache False recomputes the whole prefix
-        at every token (the reference the KV cache is tested against).
+        head's noise, guided velocity at every solver step. Where s_k = 1 (token 0 of the linear schedule),
+        first_token "independent" (the authors' sampler) solves every row unguided with its own noise and the
+        null rows keep their own token; "shared" guides as elsewhere (None: the config's default).
+        noise: explicit noise instead of the seeds' draws, noise[k] [rows, noise_draws, d] with rows = 2B
+        (cond rows, then null rows) for an independently solved token, else B. use_cache False recomputes
+        the whole prefix at every token (the reference the KV cache is tested against).
         """
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise UserError(f"unknown CFG schedule {cfg_schedule!r}; choose constant or linear")
-        if steps < 1:
-            raise UserError(f"steps must be >= 1, got {steps}")
         c, device = self.config, self.rope.device
+        independent = self._check_sampling(sampler, steps, cfg_schedule, first_token or c.first_token)
         B, T = len(seeds), self.seq_len
         labels = self._check_labels(labels, B, device)
         guided = cfg is not None and self.num_classes > 0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        n_draws = noise_draws(sampler, steps)
         dtype = torch.bfloat16 if device.type == "cuda" else self.proj_in.weight.dtype
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        head_dim = c.dim // c.n_heads
-        caches = ([KVCache(len(rows), c.n_heads, c.n_cls_tokens + T - 1, head_dim, device, dtype)
+        caches = ([KVCache(len(rows), c.n_heads, c.n_cls_tokens + T - 1, c.dim // c.n_heads, device, dtype)
                    for _ in self.blocks] if use_cache else None)
         new = self._class_tokens(rows)  # the inputs not seen yet
         seq, start, tokens = new, 0, []
@@ -211,20 +209,43 @@ class SphereAR(PretrainedMixin, nn.Module):
                     start += new.shape[1]
                 else:
                     h = self._run(seq)[:, -1]
-                h = h + self.pos_for_diff.weight[k]
-                velocity = guided_velocity(self.head, h, cfg_scale(cfg, k, T, cfg_schedule) if guided else None)
-                noise = torch.stack([torch.randn(n_draws, c.token_dim, generator=g) for g in gens]).to(device)
-                z = solve(velocity, noise, sampler, steps, temperature)
-                if c.project_outputs:
-                    # Important: project onto the radius-R sphere after the solve and after CFG, for both the
-                    # next AR input and the decoder (SphereAR Sec. 3.2); never inside the solver.
-                    z = project(z, c.radius)
-                tokens.append(z)
+                scale = cfg_scale(cfg, k, T, cfg_schedule) if guided else None
+                split = independent and scale == 1.0  # the authors' token 0: rows not mixed at s_k = 1
+                noise_k = noise[k] if noise is not None else seeded_noise(gens, noise_draws(sampler, steps),
+                                                                          c.token_dim, 2 if split else 1)
+                z = self.solve_token(h + self.pos_for_diff.weight[k], noise_k.to(device), None if split else scale,
+                                     sampler, steps, temperature)
+                tokens.append(z[:B])
                 if k + 1 < T:
                     new = self._latent_tokens(z[:, None])
-                    new = new.repeat(2, 1, 1) if guided else new
+                    new = new.repeat(2, 1, 1) if guided and not split else new
                     seq = torch.cat([seq, new], dim=1) if not use_cache else seq
         return torch.stack(tokens, dim=1)
+
+    def _check_sampling(self, sampler: str, steps: int, cfg_schedule: str, first_token: str) -> bool:
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise UserError(f"unknown CFG schedule {cfg_schedule!r}; choose constant or linear")
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        if first_token not in FIRST_TOKEN_MODES:
+            raise UserError(f"first_token must be one of {', '.join(FIRST_TOKEN_MODES)}, got {first_token!r}")
+        return first_token == "independent"
+
+    def solve_token(self, h: torch.Tensor, noise: torch.Tensor, scale: float | None, sampler: str = "euler_maruyama",
+                    steps: int = 100, temperature: float = 1.0) -> torch.Tensor:
+        """One token from its head conditions h [R, dim] (transformer output + target-position embedding).
+
+        scale None: every row is solved on its own with its noise row, noise [R, draws, d] -> [R, d].
+        scale s: h = [h_cond; h_null] (R = 2B) share noise [B, draws, d]; guided velocity -> [B, d].
+        """
+        z = solve(guided_velocity(self.head, h, scale), noise, sampler, steps, temperature)
+        if self.config.project_outputs:
+            # Important: project onto the radius-R sphere after the solve and after CFG, for both the
+            # next AR input and the decoder (SphereAR Sec. 3.2); never inside the solver.
+            z = project(z, self.config.radius)
+        return z
 
     def attach_decoder(self, decoder) -> None:
         """Use `decoder.decode(z [B, T, d]) -> images in [-1, 1]` (a Tokenizer) in generate_images.
@@ -235,14 +256,16 @@ class SphereAR(PretrainedMixin, nn.Module):
     def generate_images(self, labels, seeds: list[int], options: dict | None = None) -> torch.Tensor:
         """Images [B, C, H, W] in [-1, 1] for class `labels` [B] (ignored when unconditional); sample k is a
         function of seeds[k] alone. options (missing keys take DEFAULT_SAMPLING): cfg (1.0 = no guidance),
-        cfg_schedule, sampler, steps, temperature, progress; other keys are ignored."""
+        cfg_schedule, sampler, steps, temperature, progress, first_token (None: the config's); other keys are
+        ignored."""
         if self._decoder is None:
             raise UserError("no tokenizer attached to decode the AR samples; pass --tokenizer CKPT")
         opts = {**DEFAULT_SAMPLING, **(options or {})}
         cfg = float(opts["cfg"])
         tokens = self.generate(labels, seeds, sampler=opts["sampler"], steps=int(opts["steps"]),
                                cfg=None if cfg == 1.0 else cfg, cfg_schedule=opts["cfg_schedule"],
-                               temperature=float(opts["temperature"]), progress=bool(opts["progress"]))
+                               temperature=float(opts["temperature"]), progress=bool(opts["progress"]),
+                               first_token=opts["first_token"])
         dec_device = next(self._decoder.parameters()).device if hasattr(self._decoder, "parameters") else None
         images = self._decoder.decode(tokens.to(dec_device) if dec_device is not None else tokens)
         return images.float().clamp(-1, 1)
@@ -326,6 +349,13 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     return {"total": total, "head": sum(p.numel() for p in model.head.parameters()),
             "cls_embedding": model.cls_embedding.weight.numel()}
+
+
+def seeded_noise(gens: list[torch.Generator], draws: int, dim: int, per_image: int = 1) -> torch.Tensor:
+    """[per_image * B, draws, dim] standard normals, image i's rows from its own generator only (its cond
+    row's draw first, then its null row's): row j * B + i is image i's j-th draw."""
+    per = [[torch.randn(draws, dim, generator=g) for _ in range(per_image)] for g in gens]
+    return torch.stack([per[i][j] for j in range(per_image) for i in range(len(gens))])
 
 
 def cfg_scale(cfg: float, k: int, T: int, schedule: str) -> float:

@@ -23,4 +23,5 @@ def add_commands(sub) -> None:
             if e.name != name:
                 raise
             continue
-        module.add_convert_command(kinds)
+        if hasattr(module, "add_convert_command"):
+            module.add_convert_command(kinds)

@@ -161,7 +161,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from .data import ImageDataset
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(args.tokenizer, use_ema=not args.raw_weights, device=device)
+    from .interop.hub import resolve_checkpoint
+
+    tokenizer = load_tokenizer(resolve_checkpoint(args.tokenizer), use_ema=not args.raw_weights, device=device)
     dataset = ImageDataset(args.data, split=args.split)
     # record the exact checkpoint used (a run directory would resolve to a newer one after more training)
     out = write_latent_cache(tokenizer, dataset, args.out, tokenizer.source_path, args.batch_size,
@@ -174,7 +176,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def add_encode_command(sub) -> None:
     p = sub.add_parser("encode", help="write a latent cache (posterior of every image and its flip) for AR training")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory or run directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint or run directory, or the authors' "
+                                                      "vae.pt (a path or hf:guolinke/SphereAR/vae.pt)")
     p.add_argument("--data", required=True, help="dataset directory (from `spheregen data`)")
     p.add_argument("--out", required=True, help="cache directory to write")
     p.add_argument("--split", default="all", choices=["all", "train", "test"], help="which images (default all)")

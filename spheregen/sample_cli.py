@@ -75,6 +75,16 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     return ids
 
 
+def class_labels(classes: list[int], n: int, mode: str = "balanced", seed: int = 0) -> list[int]:
+    """balanced: n of each class, class by class; random: n * len(classes) labels drawn uniformly from
+    `classes` by a generator seeded with `seed` (the same list on every rank and for any batch size)."""
+    if mode == "balanced":
+        return [c for c in classes for _ in range(n)]
+    g = torch.Generator().manual_seed(int(seed))
+    picks = torch.randint(len(classes), (n * len(classes),), generator=g)
+    return [classes[i] for i in picks.tolist()]
+
+
 # Modules whose import registers the model types that can appear in a checkpoint.
 MODEL_MODULES = ("spheregen.ar", "spheregen.tokenizer", "spheregen.sphere_encoder")
 
@@ -90,16 +100,19 @@ def register_known_models() -> None:
 
 def load_tokenizer(path: str, device: str = "cpu") -> torch.nn.Module:
     """A tokenizer (EMA weights) from a checkpoint or a run directory (its newest checkpoint)."""
+    from .interop.hub import resolve_checkpoint
     from .tokenizer import load_tokenizer as load
 
-    return load(path, device=device)
+    return load(resolve_checkpoint(path), device=device)
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory as given, or the newest checkpoint of a run directory."""
+    """A checkpoint directory as given, the newest checkpoint of a run directory, or an authors' file (a path
+    or hf:OWNER/REPO/FILE) converted once into the cache (interop/hub.py)."""
+    from .interop.hub import resolve_checkpoint as resolve_foreign
     from .train import list_checkpoints
 
-    p = Path(path)
+    p = resolve_foreign(path)
     if not (p / "config.json").is_file():
         ckpts = list_checkpoints(p)
         if ckpts:
@@ -121,6 +134,8 @@ def load_generator(ckpt: str, tokenizer: str | None = None, device: str = "cpu")
         path = tokenizer or getattr(model.config, "tokenizer", "")
         if not path:
             raise UserError(f"{ckpt} does not record its tokenizer; pass --tokenizer CKPT")
+        if not tokenizer and not Path(path).is_absolute():  # recorded relative to the checkpoint (converted ones)
+            path = str((ckpt / path).resolve())
         if not Path(path).is_dir():
             raise UserError(f"tokenizer {path} (recorded in {ckpt}) does not exist; pass --tokenizer CKPT")
         model.attach_decoder(load_tokenizer(path, device))
@@ -191,10 +206,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load_generator(args.ckpt, args.tokenizer, device)
     num_classes = int(getattr(model, "num_classes", 0))
     classes = parse_classes(args.classes, num_classes)
-    labels = [c for c in classes for _ in range(args.n)]
+    labels = class_labels(classes, args.n, args.class_sampling, args.seed) if num_classes else [0] * args.n
     options = {"cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "sampler": args.sampler,
                "temperature": args.temperature, "cfg_position": args.cfg_position,
-               "shared_noise": not args.fresh_noise, "gamma": args.gamma}
+               "shared_noise": not args.fresh_noise, "gamma": args.gamma, "first_token": args.first_token}
     if args.steps is not None:  # else each model's own default
         if args.steps < 1:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -211,7 +226,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         images = sample_images(model, labels, args.seed, args.batch_size, options, progress=not args.quiet)
         arr = to_uint8(images)
     if args.out:
-        rows = len(classes) if num_classes else max(1, round(math.sqrt(len(labels))))
+        balanced = num_classes and args.class_sampling == "balanced"
+        rows = len(classes) if balanced else max(1, round(math.sqrt(len(labels))))
         written.append(str(save_grid(images, rows, args.out)))
     if args.npz:
         Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +243,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate images from an AR or Sphere Encoder checkpoint")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (checkpoints/step_*) or a run directory")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (checkpoints/step_*), a run directory, or an "
+                                                 "authors' file, local or hf:guolinke/SphereAR/SphereAR_B.pt "
+                                                 "(converted once into ~/.cache/spheregen)")
     p.add_argument("--classes", help="comma-separated class ids (default: every class)")
     p.add_argument("--n", "--num-per-class", dest="n", type=int, default=8,
                    help="images per class (default 8; spell it --num-per-class under torchrun, whose own options "
@@ -241,6 +259,13 @@ def add_commands(sub) -> None:
     p.add_argument("--sampler", choices=["euler", "euler_maruyama", "heun"], default="euler_maruyama",
                    help="flow-head solver (default euler_maruyama)")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the initial and SDE noise")
+    p.add_argument("--first-token", choices=["shared", "independent"],
+                   help="SphereAR, tokens with guidance scale 1 (token 0 of the linear schedule): the null rows take "
+                        "the conditional token (shared, native default) or solve their own (independent, the "
+                        "authors' sampler and the default of converted checkpoints); default: the checkpoint's")
+    p.add_argument("--class-sampling", choices=["balanced", "random"], default="balanced",
+                   help="balanced: --n images of each class in order; random: --n x classes images with classes "
+                        "drawn uniformly from --classes (seeded by --seed), as the authors' 50k FID runs")
     se = p.add_argument_group("Sphere Encoder")
     se.add_argument("--cfg-position", choices=["pixel", "latent", "combo"], default="combo",
                     help="where CFG acts: decoder output, encoder output, or both with sqrt(s) (default combo)")

@@ -53,6 +53,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_toml(args.config, args.set)
     if args.data:
         config.setdefault("data", {})["path"] = args.data
+    if args.tokenizer:  # a run/checkpoint directory, or the authors' vae.pt (local or hf:) converted once
+        from .interop.hub import resolve_checkpoint
+
+        args.tokenizer = str(resolve_checkpoint(args.tokenizer))
     if args.out is None:
         args.out = str(Path("runs") / f"{args.kind}-{Path(args.config).stem}")
     run_training(args.kind, config, args)
@@ -70,7 +74,8 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint directory (for `train ar`)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint directory, or the authors' vae.pt, a path or hf: (for "
+                                       "`train ar`)")
     p.add_argument("--latents", help="latent cache from `spheregen encode` (for `train ar`)")
     p.add_argument("--no-cache", action="store_true", help="encode images on the fly instead of using --latents")
     p.set_defaults(func=_cmd_train)

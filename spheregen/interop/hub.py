@@ -62,8 +62,12 @@ def download(hub: HubFile) -> Path:
     """The local path of a Hub file, fetched through huggingface_hub's cache (with its progress bar)."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         raise UserError("hf: paths need huggingface_hub: pip install huggingface_hub") from None
     try:

@@ -21,7 +21,6 @@ import torch
 
 from ..ar import ARConfig, SphereAR
 from ..checkpoint import write_dir_atomically
-from ..config import to_dict
 from ..errors import UserError
 from ..tokenizer import Tokenizer, TokenizerConfig
 from .safe_load import safe_load
@@ -220,48 +219,52 @@ def check_rope_tables(tokenizer: Tokenizer, vae: dict[str, torch.Tensor]) -> Non
                             "the converter does not know this variant of the S-VAE")
 
 
+def build_tokenizer(ckpt: AuthorsCheckpoint, device: str | torch.device = "cpu", label: str = "") -> Tokenizer:
+    """The S-VAE as a spheregen Tokenizer holding the authors' weights ("meta": keys and shapes only)."""
+    with torch.device(device):
+        tokenizer = Tokenizer(tokenizer_config(ckpt.vae, ckpt.args))
+    state = map_state(tokenizer, ckpt.vae, _VAE_RULES, label, "vae.", skip=_VAE_BUFFERS)
+    if torch.device(device).type != "meta":
+        tokenizer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        check_rope_tables(tokenizer, ckpt.vae)
+    return tokenizer.eval()
+
+
 def build_models(ckpt_vae: AuthorsCheckpoint, ckpt_ar: AuthorsCheckpoint, heads: int | None = None,
                  device: str | torch.device = "cpu", label: str = "") -> tuple[Tokenizer, SphereAR]:
-    """spheregen models holding the authors' weights (on `device`; "meta" checks keys and shapes only)."""
-    tok_cfg = tokenizer_config(ckpt_vae.vae, ckpt_vae.args)
-    ar_cfg = ar_config(ckpt_ar.ar, ckpt_ar.args, heads)
-    if tuple(ar_cfg.grid) != tokenizer_grid(tok_cfg) or ar_cfg.token_dim != tok_cfg.latent_dim:
-        raise UserError(f"the VAE gives a {tokenizer_grid(tok_cfg)} grid of {tok_cfg.latent_dim}-d tokens, the AR "
+    """Tokenizer and AR model holding the authors' weights ("meta": keys and shapes only)."""
+    tokenizer = build_tokenizer(ckpt_vae, device, label)
+    ar_cfg, tok_cfg = ar_config(ckpt_ar.ar, ckpt_ar.args, heads), tokenizer.config
+    if tuple(ar_cfg.grid) != tokenizer.grid or ar_cfg.token_dim != tok_cfg.latent_dim:
+        raise UserError(f"the VAE gives a {tokenizer.grid} grid of {tok_cfg.latent_dim}-d tokens, the AR "
                         f"model expects {tuple(ar_cfg.grid)} of {ar_cfg.token_dim}; use the matching vae.pt")
     with torch.device(device):
-        tokenizer, model = Tokenizer(tok_cfg), SphereAR(ar_cfg)
-    vae_state = map_state(tokenizer, ckpt_vae.vae, _VAE_RULES, label, "vae.", skip=_VAE_BUFFERS)
-    ar_state = map_state(model, ckpt_ar.ar, _AR_RULES, label)
-    if device != "meta" and torch.device(device).type != "meta":
-        tokenizer.load_state_dict({k: v.float() for k, v in vae_state.items()}, strict=True)
-        model.load_state_dict({k: v.float() for k, v in ar_state.items()}, strict=True)
-        check_rope_tables(tokenizer, ckpt_vae.vae)
-    return tokenizer.eval(), model.eval()
-
-
-def tokenizer_grid(cfg: TokenizerConfig) -> tuple[int, int]:
-    side = cfg.image_size // 2 ** (len(cfg.channels) - 1)
-    return side, side
+        model = SphereAR(ar_cfg)
+    state = map_state(model, ckpt_ar.ar, _AR_RULES, label)
+    if torch.device(device).type != "meta":
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return tokenizer, model.eval()
 
 
 # -- writing ------------------------------------------------------------------------------------------
 def load_pair(ar_path: Path, vae_path: Path | None = None, weights: str = "ema", heads: int | None = None,
-              label: str | None = None, sibling=None) -> tuple[Tokenizer, SphereAR, dict]:
+              label: str | None = None, sibling=None) -> tuple[Tokenizer, SphereAR | None, dict]:
     """The converted tokenizer and AR model, and a record of where they came from. The VAE keys come from
-    `vae_path` when given, else from the AR file's `vae.*` keys, else from `sibling("vae.pt")`."""
+    `vae_path` when given, else from the AR file's `vae.*` keys, else from `sibling("vae.pt")`. A file with
+    only VAE keys (the authors' vae.pt) gives the tokenizer alone (AR model None)."""
     label = label or str(ar_path)
     ckpt_ar = load_authors_file(ar_path, weights)
-    if not ckpt_ar.ar:
-        raise UserError(f"{label} holds only VAE keys; pass an AR checkpoint (SphereAR_*.pt) and this file as --vae")
     if vae_path is None and not ckpt_ar.vae and sibling is not None:
         vae_path = sibling("vae.pt")
     ckpt_vae = load_authors_file(vae_path, "model") if vae_path else ckpt_ar
     if not ckpt_vae.vae:
         raise UserError(f"{label} holds no vae.* keys and no vae.pt was found beside it; pass the authors' "
                         "vae.pt with --vae")
-    tokenizer, model = build_models(ckpt_vae, ckpt_ar, heads, label=label)
     origin = {"converted_from": {"ar": label, "vae": str(vae_path or label), "weights": ckpt_ar.weights,
                                  "args": _plain(ckpt_ar.args)}}
+    if not ckpt_ar.ar:
+        return build_tokenizer(ckpt_vae, label=label), None, origin
+    tokenizer, model = build_models(ckpt_vae, ckpt_ar, heads, label=label)
     return tokenizer, model, origin
 
 
@@ -269,24 +272,30 @@ def _plain(args: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in args.items()}
 
 
-def write_converted(out_dir: Path, parts: tuple[Tokenizer, SphereAR, dict]) -> Path:
-    """out_dir/tokenizer and out_dir/ar (whose config points at ../tokenizer); returns out_dir/ar."""
+def write_converted(out_dir: Path, parts: tuple[Tokenizer, SphereAR | None, dict]) -> Path:
+    """out_dir/tokenizer and out_dir/ar (whose config points at ../tokenizer); returns the generator's
+    directory, out_dir/ar (out_dir/tokenizer when there is no AR model)."""
     tokenizer, model, origin = parts
     tokenizer.save_pretrained(out_dir / TOKENIZER_DIR, extra=origin)
+    if model is None:
+        return out_dir / TOKENIZER_DIR
     model.save_pretrained(out_dir / AR_DIR, extra=origin)
     return out_dir / AR_DIR
 
 
 def convert(ar_path: str | Path, out: str | Path, vae_path: str | Path | None = None, weights: str = "ema",
             heads: int | None = None, label: str | None = None, sibling=None) -> Path:
-    """Convert into `out` as one atomic directory (a kill leaves no half conversion); returns out/ar."""
+    """Convert into `out` as one atomic directory (a kill leaves no half conversion); returns out/ar
+    (out/tokenizer for a VAE-only file)."""
     parts = load_pair(Path(ar_path), Path(vae_path) if vae_path else None, weights, heads, label, sibling)
-    write_dir_atomically(Path(out), lambda tmp: write_converted(tmp, parts))
-    return Path(out) / AR_DIR
+    written = []
+    write_dir_atomically(Path(out), lambda tmp: written.append(write_converted(tmp, parts)))
+    return Path(out) / written[0].name
 
 
 def convert_for_cache(source: Path, out_dir: Path, sibling) -> Path:
-    """hub.py's entry (EMA weights, dim / 64 heads): convert `source` into out_dir; returns out_dir/ar."""
+    """hub.py's entry (EMA weights, dim / 64 heads): convert `source` into out_dir; returns out_dir/ar, or
+    out_dir/tokenizer for the authors' vae.pt."""
     return write_converted(out_dir, load_pair(source, sibling=sibling))
 
 
@@ -296,19 +305,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it or choose another --out")
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it, or another --out")
     ar_file, sibling, label = fetch(args.checkpoint)
     vae_file = fetch(args.vae)[0] if args.vae else None
-    ar_dir = convert(ar_file, out, vae_file, args.weights, args.heads, label, sibling)
-    cfg = SphereAR.from_pretrained(ar_dir).config
-    print(f"converted {label} ({args.weights} weights): {out / TOKENIZER_DIR} and {ar_dir} "
+    written = convert(ar_file, out, vae_file, args.weights, args.heads, label, sibling)
+    if written.name == TOKENIZER_DIR:
+        cfg = Tokenizer.from_pretrained(written).config
+        print(f"converted {label} (a VAE alone): {written} ({cfg.image_size} px, {cfg.latent_dim}-d tokens); "
+              f"encode a dataset with: spheregen encode --tokenizer {written} ...")
+        return 0
+    cfg = SphereAR.from_pretrained(written).config
+    print(f"converted {label} ({args.weights} weights): {out / TOKENIZER_DIR} and {written} "
           f"(AR dim {cfg.dim} x {cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.num_classes} classes, "
-          f"{cfg.grid[0]}x{cfg.grid[1]} tokens); sample with: spheregen sample --ckpt {ar_dir} --out grid.png")
+          f"{cfg.grid[0]}x{cfg.grid[1]} tokens); sample with: spheregen sample --ckpt {written} --out grid.png")
     return 0
 
 
 def add_convert_command(sub) -> None:
-    p = sub.add_parser("sphere-ar", help="SphereAR_{B,L,H}.pt (+ vae.pt) -> DIR/tokenizer and DIR/ar",
+    p = sub.add_parser("sphere-ar", help="SphereAR_{B,L,H}.pt (+ vae.pt) -> DIR/tokenizer and DIR/ar; "
+                                         "vae.pt alone -> DIR/tokenizer",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="the authors' AR file: a path or hf:guolinke/SphereAR/SphereAR_B.pt")
     p.add_argument("--vae", help="the authors' vae.pt (path or hf:); default: the AR file's own vae.* keys, "
