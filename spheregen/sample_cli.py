@@ -181,6 +181,13 @@ def sample_to_dir(model, labels: list[int], seed: int, batch_size: int, options:
     return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
 
 
+def default_device() -> str:
+    """cuda:LOCAL_RANK under torchrun (one GPU per rank), cuda when available, else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` if needed and make sure files can be written there, or raise a one-line UserError."""
     try:
@@ -202,7 +209,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             check_writable(Path(target).parent)
     if args.out_dir:
         check_writable(Path(args.out_dir))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     model = load_generator(args.ckpt, args.tokenizer, device)
     num_classes = int(getattr(model, "num_classes", 0))
     classes = parse_classes(args.classes, num_classes)

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import os
 import posixpath
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,10 +118,21 @@ def convert_cached(source: Path, sibling: SiblingFn, label: str) -> Path:
     final = cache_root() / "converted" / kind / content_key(source)
     marker = final / "converted_from.txt"
     module = importlib.import_module(module_name)
+    if not marker.is_file() and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        _wait_for(marker, label)  # under torchrun, local rank 0 converts and the others wait for it
     if not marker.is_file():
         print(f"converting {label} into {final} (once; later runs reuse it)", flush=True)
         write_dir_atomically(final, lambda tmp: _convert_into(module, source, tmp, sibling, label))
     return final / marker.read_text().split("\n")[1]
+
+
+def _wait_for(marker: Path, label: str, timeout_s: float = 3600.0) -> None:
+    start = time.monotonic()
+    while not marker.is_file():
+        if time.monotonic() - start > timeout_s:
+            raise UserError(f"gave up waiting for local rank 0 to convert {label}; convert it first with "
+                            "`spheregen convert` and pass the directory")
+        time.sleep(1.0)
 
 
 def _convert_into(module, source: Path, tmp: Path, sibling: SiblingFn, label: str) -> None:
