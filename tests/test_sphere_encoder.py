@@ -16,6 +16,7 @@ from spheregen.cli import main as cli_main
 from spheregen.config import from_dict, load_toml
 from spheregen.data import write_dataset
 from spheregen.edit import slerp, stitch
+from spheregen.errors import UserError
 from spheregen.sphere_encoder import SphereEncoder, SphereEncoderConfig, stratified_uniform
 from spheregen.train_cli import run_training
 
@@ -440,3 +441,125 @@ def test_trained_mnist_sphere_encoder_draws_the_requested_digits():
         assert images.shape[1:] == (1, 32, 32)
         acc[steps] = class_accuracy(images, labels, classifier)
     assert acc[4] >= 0.8 and acc[1] >= 0.6, acc
+
+
+# -- issue 22: the authors' architecture switches, soft labels, Fig. 6 noise interpolation, BN recalibration -------
+def test_default_switches_keep_native_keys_and_authors_switches_change_them():
+    native = set(SphereEncoder(tiny_config()).state_dict())
+    assert not any(k.endswith("attn.proj.bias") for k in native) and "decoder.out.norm.weight" in native
+    uncond = set(SphereEncoder(tiny_config(num_classes=0)).state_dict())
+    assert "decoder.out.norm.weight" in uncond and "encoder.out.norm.weight" in uncond
+    authors = set(SphereEncoder(tiny_config(num_classes=0, attn_proj_bias=True, uncond_head_norm=False)).state_dict())
+    assert "encoder.blocks.0.attn.proj.bias" in authors and "decoder.blocks.0.attn.proj.bias" in authors
+    assert not any(k.endswith("out.norm.weight") for k in authors)
+    cond = set(SphereEncoder(tiny_config(uncond_head_norm=False)).state_dict())  # AdaLN heads keep their norm
+    assert "decoder.out.norm.weight" in cond
+
+
+def test_authors_pixel_heads_and_position_table():
+    from spheregen.sphere_encoder_nets import pos_table
+
+    x, y = batch(2)
+    v = torch.randn(2, 16, 8)
+    for residual in (True, False):
+        model = tiny_model(head_residual=residual)
+        with torch.no_grad():
+            model.decoder.refine.weight.zero_()
+            model.decoder.refine.bias.zero_()
+            out = model.decode(v, y)
+        assert (out.abs().max() == 0) != residual  # the authors' head is the conv output itself
+    conv = SphereEncoder(tiny_config(head="conv", conv_head_authors=True)).decoder
+    assert conv.conv.padding_mode == "reflect" and conv.up.weight.std() < 0.01
+    assert SphereEncoder(tiny_config(head="conv")).decoder.conv.padding_mode == "zeros"
+    cfg = tiny_config(pos_order="col_row")
+    a, b = pos_table(tiny_config()), pos_table(cfg)
+    assert torch.equal(b, torch.cat([a[:, 16:], a[:, :16]], dim=1))
+    assert torch.equal(SphereEncoder(cfg).encoder.pos, b)
+    with pytest.raises(ValueError, match="pos_order"):
+        tiny_config(pos_order="x").validate()
+
+
+def test_soft_labels_equal_class_ids_and_mix_embeddings():
+    model = tiny_model()
+    x, y = batch(4)
+    soft = torch.nn.functional.one_hot(y, 4).float()
+    with torch.no_grad():
+        assert torch.equal(model.encode(x, soft), model.encode(x, y))
+        a = model.generate(y, steps=2, cfg=2.0, seeds=[0, 1, 2, 3])
+        b = model.generate(soft, steps=2, cfg=2.0, seeds=[0, 1, 2, 3])
+    assert torch.allclose(a, b, atol=1e-6)
+    mix = model.soft_labels(torch.tensor([[0.25, 0.75]]), torch.tensor([[0, 2]]))
+    table = model.decoder.labels.table.weight
+    assert torch.allclose(model.decoder.labels(mix), 0.25 * table[0] + 0.75 * table[2], atol=1e-6)
+    with pytest.raises(UserError, match="soft labels"):
+        model.check_labels(torch.zeros(2, 3))
+
+
+def test_noise_interpolation_hits_its_ends_and_corners():
+    from spheregen.edit import interp_noise, interp_weights, noise_interpolate
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    ends, e_ref = torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 16, 8, generator=g)
+    for mode in ("lerp", "slerp"):
+        frames = noise_interpolate(model, ends, torch.tensor([[0, 2]]), interp_weights(mode, 3), e_ref, mode,
+                                   steps=2, cfg=1.5)[-1]
+        for f, k, cls in ((0, 0, 0), (-1, 1, 2)):
+            draws = iter([ends[:, k], e_ref])
+            direct = model.generate(torch.tensor([cls]), steps=2, cfg=1.5, n=1, noise=draws.__next__)
+            assert torch.allclose(frames[f], direct, atol=1e-5), (mode, f)
+    w = interp_weights("bilinear", 3)
+    assert w.shape == (9, 4) and torch.allclose(w.sum(1), torch.ones(9))
+    assert torch.equal(w[[0, 2, 6, 8]], torch.eye(4))
+    mid = interp_noise(torch.stack([ends[0, 0], ends[0, 0].roll(1, 0)])[None], interp_weights("slerp", 3), "slerp")
+    assert torch.allclose(mid.flatten(2).norm(dim=-1), ends[0, 0].norm().expand(3, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, frac", [("left-right", 0.5), ("top-bottom", 0.5), ("center", 0.75),
+                                        ("quadrants", 0.5), ("diagonal", 0.5)])
+def test_stitch_modes(mode, frac):
+    from spheregen.edit import stitch_mask
+
+    mask = stitch_mask(16, 16, mode)
+    assert abs(mask.float().mean().item() - frac) < 0.07
+    x = torch.zeros(1, 1, 16, 16)
+    assert torch.equal(stitch(x + 1, x - 1, mode)[0, 0] > 0, mask)
+
+
+def test_bn_recalibration_uses_the_calibration_statistics():
+    from spheregen.sphere_encoder import recalibrate_bn
+
+    model = tiny_model(latent_bn=True)
+    x, y = batch(16)
+    seen = []
+    hook = model.encoder.bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    assert recalibrate_bn(model, x, y, batch_size=8) == 2
+    hook.remove()
+    z = torch.cat(seen)
+    bn = model.encoder.bn
+    assert torch.allclose(bn.running_mean, z.mean(0), atol=1e-5) and not bn.training and bn.momentum == 0.1
+    assert recalibrate_bn(model, n=4, batch_size=2, steps=2) == 2  # one encoder pass per generated batch
+    assert torch.isfinite(bn.running_var).all()
+    with pytest.raises(UserError, match="no latent BatchNorm"):
+        recalibrate_bn(tiny_model(), x)
+
+
+def test_noise_interpolation_recalibration_and_stitch_cli(trained, images, tmp_path):
+    root, _ = trained
+    ckpt = str(root / "run" / "checkpoints" / "step_00000003")
+    base = ["edit", "interpolate", "--ckpt", ckpt, "--steps", "2"]
+    assert cli_main(base + ["--noise", "bilinear", "--n", "3", "--out", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "b.png").size == (3 * 18 + 2, 3 * 18 + 2)
+    assert cli_main(base + ["--noise", "slerp", "--n", "4", "--rows", "2", "--class", "0", "1",
+                            "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size == (4 * 18 + 2, 2 * 18 + 2)
+    assert cli_main(base + ["--noise", "lerp", "--class", "0", "--out", str(tmp_path / "x.png")]) == 2
+    a = str(images / "a.png")
+    assert cli_main(["edit", "crossover", "--ckpt", ckpt, "--images", a, a, "--stitch", "center", "--steps", "1",
+                     "--out", str(tmp_path / "c.png")]) == 0
+    out = tmp_path / "recal"
+    assert cli_main(["sphere-encoder", "recalibrate-bn", "--ckpt", ckpt, "--out", str(out), "--n", "4",
+                     "--batch-size", "2", "--steps", "2"]) == 0
+    again = load_model(out)
+    assert again.encoder.bn.num_batches_tracked == 2
+    assert cli_main(["sphere-encoder", "recalibrate-bn", "--ckpt", ckpt, "--out", str(out)]) == 2
