@@ -31,6 +31,7 @@ from .config import from_dict
 from .errors import UserError
 from .sphere import spherify
 from .sphere_encoder_eval import add_commands, make_eval_fn, psnr, recalibrate_bn
+from .sphere_encoder_loss import drop_labels, noise_levels, param_groups, stratified_uniform, training_loss
 from .sphere_encoder_nets import Decoder, Encoder, SphereEncoderConfig, sigma_max
 
 CFG_POSITIONS = ("pixel", "latent", "combo")
@@ -39,14 +40,26 @@ __all__ = ["SphereEncoder", "SphereEncoderConfig", "CFG_POSITIONS", "stratified_
            "recalibrate_bn", "add_commands"]
 
 
-def stratified_uniform(n: int, device=None) -> torch.Tensor:
-    """n values in [0, 1]: one 1, one 0 and (i + U_i)/(n - 2) for the rest (U clamped >= 1e-3), shuffled."""
-    if n <= 2:
-        return torch.tensor([1.0, 0.0][:n], device=device) if n == 2 else torch.rand(n, device=device)
-    k = n - 2
-    mid = (torch.arange(k, device=device) + torch.rand(k, device=device).clamp_min(1e-3)) / k
-    vals = torch.cat([torch.ones(1, device=device), torch.zeros(1, device=device), mid])
-    return vals[torch.randperm(n, device=device)]
+def noise_source(shape: tuple[int, ...], n: int, device, seeds=None, generator=None) -> Callable[[], torch.Tensor]:
+    """A function drawing e ~ N(0, I) [n, *shape]; with seeds, sample k uses its own generator only."""
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise UserError(f"got {len(seeds)} seeds for {n} samples; pass one seed per sample")
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        return lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    return lambda: torch.randn((n, *shape), generator=generator, device=device)
+
+
+def cfg_scales(cfg: float, position: str) -> tuple[float, float]:
+    """(latent scale, pixel scale) for a CFG position (combo: sqrt(s) at each, Sec. C.1)."""
+    if position not in CFG_POSITIONS:
+        raise UserError(f"cfg_position must be one of {', '.join(CFG_POSITIONS)}, got {position!r}")
+    if position == "pixel":
+        return 1.0, cfg
+    if position == "latent":
+        return cfg, 1.0
+    return math.sqrt(cfg), math.sqrt(cfg)
 
 
 class _PerceptualHolder:
@@ -132,38 +145,13 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         """D(f(E(x))) with no noise and the null label (Sec. 2.4)."""
         return self.decode(self.encode_sphere(x))
 
-    # -- training -----------------------------------------------------------------------------------
+    # -- training (spheregen.sphere_encoder_loss) ----------------------------------------------------
     def _drop(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Label dropout: each label becomes the null label with probability label_dropout (per pass)."""
-        if labels is None or self.config.num_classes == 0 or self.config.label_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return drop_labels(self, labels)
 
     def noise_levels(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_N, r_n) per sample, multiples of sigma_max for v_NOISY and v_noisy (Sec. 2.2-2.3).
-
-        r and s are stratified; r_n = r s noisy_max. With probability mix_prob, r_N is pushed past alpha to at
-        most alpha_mix = min(alpha + mix_extra, mix_max): "code" reuses the mask's own u, r_N = 1 + u (ratio - 1)
-        with ratio = tan(alpha_mix)/tan(alpha) (so it reaches only ~1/10 of the way); "uniform" draws the
-        angle uniformly in [alpha, alpha_mix].
-        """
-        cfg = self.config
-        r = stratified_uniform(n, device)
-        s = stratified_uniform(n, device) * cfg.noisy_max
-        r_noisy = r * s
-        r_big = r
-        if cfg.mix_prob > 0:
-            alpha_mix = min(cfg.alpha_deg + cfg.mix_extra_deg, cfg.mix_max_deg)
-            ratio = math.tan(math.radians(alpha_mix)) / self.sigma_max
-            u = torch.rand(n, device=device)
-            if cfg.mix_mode == "code":
-                hard = 1 + u * (ratio - 1)
-            else:
-                ang = cfg.alpha_deg + torch.rand(n, device=device) * (alpha_mix - cfg.alpha_deg)
-                hard = torch.tan(torch.deg2rad(ang)) / self.sigma_max
-            r_big = torch.where(u <= cfg.mix_prob, hard, r)
-        return r_big, r_noisy
+        """(r_N, r_n) per sample, multiples of sigma_max for v_NOISY and v_noisy (Sec. 2.2-2.3)."""
+        return noise_levels(self, n, device)
 
     def _perceptual(self) -> nn.Module | None:
         if not self._perc.built:
@@ -175,81 +163,13 @@ class SphereEncoder(PretrainedMixin, nn.Module):
 
     def training_loss(self, batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of Eq. 7-9 on one batch (x in [-1, 1], y); returns (loss, unweighted terms)."""
-        cfg = self.config
-        x, y = batch
-        y = y if cfg.num_classes > 0 else None
-        B = x.shape[0]
-        z = self.encoder(x, self._drop(self._labels(y, B, x.device)))
-        v = self.spherify(z)
-        z_clean = z.detach()
-        e = torch.randn_like(v)
-        r_big, r_noisy = self.noise_levels(B, x.device)
-        v_big = self.noisy_spherify(v, r_big * self.sigma_max, e)
-        v_small = self.noisy_spherify(v, r_noisy * self.sigma_max, e)
-        y2 = self._labels(y, B, x.device)
-        y2 = self._drop(torch.cat([y2, y2])) if y2 is not None else None
-        x_big, x_small = self.decoder(torch.cat([v_big, v_small]), y2).chunk(2)
-
-        perc = self._perceptual() if (cfg.w_recon_perc > 0 or cfg.w_con_perc > 0) else None
-        x01, big01, small01 = (x + 1) / 2, (x_big.float() + 1) / 2, (x_small.float() + 1) / 2
-        terms: dict[str, torch.Tensor] = {}
-        loss = x.new_zeros((), dtype=torch.float32)
-
-        def add(name: str, weight: float, fn: Callable[[], torch.Tensor]) -> None:
-            nonlocal loss
-            if weight > 0:
-                val = fn()
-                terms[name] = val.detach()
-                loss = loss + weight * val
-
-        beta = cfg.dist_beta
-        add("recon_dist", cfg.w_recon_dist, lambda: F.smooth_l1_loss(small01, x01, beta=beta))
-        add("con_dist", cfg.w_con_dist, lambda: F.smooth_l1_loss(big01, small01.detach(), beta=beta))
-        if perc is not None:
-            perc = perc.to(x.device)
-            add("recon_perc", cfg.w_recon_perc, lambda: perc(x_small.float(), x))
-            add("con_perc", cfg.w_con_perc, lambda: perc(x_big.float(), x_small.detach().float()))
-
-        def lat_con() -> torch.Tensor:
-            z2 = self.encoder(x_big, self._drop(self._labels(y, B, x.device)))
-            return (1 - F.cosine_similarity(z2.flatten(1).float(), z_clean.flatten(1).float(), dim=1)).mean()
-
-        add("lat_con", cfg.w_lat_con, lat_con)
-        return loss, terms
+        return training_loss(self, batch, step)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: encoder at enc_lr_scale x the LR; decay only on >= 2-D weights."""
-        groups = []
-        for module, scale in ((self.encoder, self.config.enc_lr_scale), (self.decoder, 1.0)):
-            params = [p for p in module.parameters() if p.requires_grad]
-            groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay,
-                           "lr_scale": scale})
-            groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
-        return groups
+        return param_groups(self, weight_decay)
 
     # -- generation ---------------------------------------------------------------------------------
-    def _noise_source(self, n: int, device, seeds=None, generator=None) -> Callable[[], torch.Tensor]:
-        """A function drawing e ~ N(0, I) [n, N, d]; with seeds, sample k uses its own generator only."""
-        shape = self.latent_shape
-        if seeds is not None:
-            seeds = [int(s) for s in seeds]
-            if len(seeds) != n:
-                raise UserError(f"got {len(seeds)} seeds for {n} samples; pass one seed per sample")
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-            return lambda: torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
-        return lambda: torch.randn((n, *shape), generator=generator, device=device)
-
-    @staticmethod
-    def _cfg_scales(cfg: float, position: str) -> tuple[float, float]:
-        """(latent scale, pixel scale) for a CFG position (combo: sqrt(s) at each, Sec. C.1)."""
-        if position not in CFG_POSITIONS:
-            raise UserError(f"cfg_position must be one of {', '.join(CFG_POSITIONS)}, got {position!r}")
-        if position == "pixel":
-            return 1.0, cfg
-        if position == "latent":
-            return cfg, 1.0
-        return math.sqrt(cfg), math.sqrt(cfg)
-
     def _guided(self, net: nn.Module, inp: torch.Tensor, labels: torch.Tensor | None, scale: float) -> torch.Tensor:
         """net(inp, y) or, with scale != 1, lerp(net(inp, null), net(inp, y), scale) in one batch."""
         y = self._labels(labels, len(inp), inp.device)
@@ -279,8 +199,8 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         `trace`, if given, receives the images after every loop."""
         if gamma < 0 or r < 0:
             raise UserError(f"r and gamma must be >= 0, got r = {r}, gamma = {gamma}")
-        s_lat, s_pix = self._cfg_scales(cfg, cfg_position)
-        noise = noise or self._noise_source(len(x), x.device, seeds, generator)
+        s_lat, s_pix = cfg_scales(cfg, cfg_position)
+        noise = noise or noise_source(self.latent_shape, len(x), x.device, seeds, generator)
         e_shared = None
         for r_k in self.noise_schedule(loops, r, gamma) if loops > 0 else []:
             z = self._guided(self.encoder, x, labels, s_lat)
@@ -312,8 +232,8 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         device = next(self.parameters()).device
         B = len(labels) if labels is not None else (n or (len(seeds) if seeds is not None else 1))
         self.check_labels(labels)
-        noise = noise or self._noise_source(B, device, seeds, generator)
-        _, s_pix = self._cfg_scales(cfg, cfg_position)
+        noise = noise or noise_source(self.latent_shape, B, device, seeds, generator)
+        _, s_pix = cfg_scales(cfg, cfg_position)
         x = self._decode_guided(self.spherify(noise()), labels, s_pix)
         if trace is not None:
             trace.append(x.clamp(-1, 1))
