@@ -183,8 +183,11 @@ def noise_interpolate(model: SphereEncoder, ends: torch.Tensor, classes: torch.T
 
 # -- command line -------------------------------------------------------------------------------------
 def _load(args) -> SphereEncoder:
+    """The --ckpt directory, or an authors' .pth / hf: file converted once into the cache (interop/hub.py)."""
+    from .interop.hub import resolve_checkpoint
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(args.ckpt, expect="sphere_encoder").eval().to(device)
+    return load_model(resolve_checkpoint(args.ckpt), expect="sphere_encoder").eval().to(device)
 
 
 def _image(model: SphereEncoder, path: str) -> torch.Tensor:

@@ -96,7 +96,8 @@ def _size(cfg: dict, sizes: dict[str, tuple[int, int, int]]) -> tuple[int, int, 
     for name in (enc, dec):
         if name not in sizes:
             raise UserError(f"model size {name!r} is not in the authors' size table ({', '.join(SIZE_TABLE)}); "
-                            f"pass --size {name}=WIDTH,LAYERS,HEADS")
+                            f"pass --size {name}=WIDTH,LAYERS,HEADS to `spheregen convert sphere-encoder` "
+                            f"(or set {SIZES_ENV}={name}=WIDTH,LAYERS,HEADS)")
     if sizes[enc] != sizes[dec]:
         raise UserError(f"encoder size {enc} {sizes[enc]} differs from decoder size {dec} {sizes[dec]}; spheregen "
                         "builds E and D at one size")
