@@ -38,12 +38,13 @@ DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "linear", "sampler": "euler_maru
 
 @dataclass
 class ARConfig:
-    # from the latents (0 / -1: filled in by training_setup from the latent cache or tokenizer)
-    token_dim: int = 0  # d, the latent channels per token
-    grid: tuple[int, int] = (0, 0)  # (h, w) latent grid, raster order; T = h w tokens
-    radius: float = 0.0  # R, the sphere the tokens live on
-    num_classes: int = -1  # -1: from the data; 0: unconditional (only the null class)
-    tokenizer: str = ""  # tokenizer checkpoint used for the latents (the default decoder for sampling)
+    # from the latents (None: filled in by the training setup from the latent cache or tokenizer)
+    token_dim: int | None = None  # d, the latent channels per token
+    grid: tuple[int, int] | None = None  # (h, w) latent grid, raster order; T = h w tokens
+    radius: float | None = None  # R, the sphere the tokens live on
+    num_classes: int | None = None  # None: from the data; 0: unconditional (only the null class)
+    tokenizer: str | None = None  # tokenizer checkpoint of the latents (the default decoder for sampling);
+    # a relative path is relative to the checkpoint directory
     # transformer
     dim: int = 768
     n_layers: int = 24
@@ -75,7 +76,7 @@ class SphereAR(PretrainedMixin, nn.Module):
     def __init__(self, config: ARConfig):
         super().__init__()
         c = config
-        if c.token_dim <= 0 or min(c.grid) <= 0 or c.radius <= 0 or c.num_classes < 0:
+        if None in (c.token_dim, c.grid, c.radius, c.num_classes):
             raise UserError("the AR config lacks token_dim / grid / radius / num_classes; they come from the "
                             "latent cache (train with --latents) or must be set in [model]")
         if c.dim % c.n_heads or (c.dim // c.n_heads) % 4:
@@ -278,7 +279,7 @@ def _fill_from_latents(cfg: ARConfig, source, tokenizer_path: str | None) -> ARC
              "radius": float(source.radius), "num_classes": int(source.num_classes)}
     for key, value in found.items():
         given = getattr(cfg, key)
-        unset = given in (0, 0.0, -1, (0, 0))
+        unset = given is None
         if key == "num_classes" and given == 0:
             continue  # an unconditional model may be trained on labelled latents
         if not unset and (abs(given - value) > 1e-6 if key == "radius" else given != value):

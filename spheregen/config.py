@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,8 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are an error."""
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; an unknown key, or a value that
+    does not fit its field's type (`int`, `float`, `bool`, `str`, `tuple[...]`, `X | None`), is a UserError."""
     if not isinstance(data, dict):
         raise UserError(f"config section '{where or cls.__name__}' must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -34,13 +36,49 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            value = from_dict(hint, value, f"{where}{key}.")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        kwargs[key] = value
+            kwargs[key] = from_dict(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = coerce(value, hint, f"{where}{key}")
     return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` checked against the type `hint` (ints widen to float, lists become tuples), else a UserError
+    such as "model.lr must be a number (float), got 'abc'"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, name)
+            except UserError:
+                pass
+        raise UserError(f"{name} must be {_describe(hint)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list ({_describe(hint)}), got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise UserError(f"{name} must have {len(items)} entries ({_describe(hint)}), got {value!r}")
+        return tuple(coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if hint is Any or hint not in (int, float, str, bool):
+        return value
+    raise UserError(f"{name} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "unset"}
+    if hint in words:
+        return words[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return "a list of " + " / ".join(sorted({_describe(a) for a in args if a is not Ellipsis}))
+    return " or ".join(_describe(a) for a in args) if args else str(hint)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
