@@ -296,7 +296,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     kinds = edit.add_subparsers(dest="edit_command", metavar="EDIT", required=True)
 
     def common(p: argparse.ArgumentParser, steps, r, gamma) -> None:
-        p.add_argument("--ckpt", required=True, help="Sphere Encoder checkpoint directory")
+        p.add_argument("--ckpt", required=True, help="Sphere Encoder checkpoint directory, or the authors' .pth / "
+                       "hf:OWNER/REPO/FILE.pth (converted once into the cache)")
         p.add_argument("--out", required=True, help="output PNG")
         p.add_argument("--steps", type=int, default=steps if isinstance(steps, int) else None,
                        help=f"encode/decode loops (default {steps})")
@@ -338,5 +339,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "default random per row)")
     p.add_argument("--cfg", type=float, default=1.0, help="--noise: CFG scale (default 1 = none, as in Fig. 6)")
     p.add_argument("--cfg-position", choices=CFG_POSITIONS, default="combo")
-    common(p, steps="1 with --images, 4 with --noise", r="0.25 / 1.0", gamma="1.0 / 0.0")
+    common(p, steps="1 with --images, 4 with --noise", r="0.25 with --images, 1.0 with --noise",
+           gamma="1.0 with --images, 0.0 with --noise")
     p.set_defaults(func=_cmd_interpolate)

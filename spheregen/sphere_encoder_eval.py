@@ -106,6 +106,8 @@ def recalibrate_bn(model: SphereEncoder, images: torch.Tensor | None = None, lab
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
 
+    if min(args.n, args.batch_size, args.steps) < 1:
+        raise UserError("--n, --batch-size and --steps must be at least 1")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite or another --out")
