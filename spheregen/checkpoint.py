@@ -131,6 +131,11 @@ class PretrainedMixin:
     config_class: type
     model_type: str
 
+    @classmethod
+    def upgrade_state(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename the keys of checkpoints written by older versions (none by default)."""
+        return state
+
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> None:
         from .config import to_dict
 
@@ -145,7 +150,7 @@ class PretrainedMixin:
         if config.get("model_type") != cls.model_type:
             raise UserError(f"{path} holds a {config.get('model_type')} checkpoint, not a {cls.model_type}")
         model = cls(from_dict(cls.config_class, config["model"]))
-        weights = load_weights(path, use_ema=use_ema)
+        weights = cls.upgrade_state(load_weights(path, use_ema=use_ema))
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shape mismatches

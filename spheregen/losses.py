@@ -4,7 +4,8 @@
                    on VGG16 relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (SphereAR Sec. 4.1 "perceptual").
 - `SSIMLoss`       1 - SSIM(x, y) (a weight-free fallback).
 - `build_perceptual(kind, vgg_weights)` picks one of them from a config string.
-- `PatchDiscriminator`, `hinge_d_loss`, `hinge_g_loss`: the adversarial term (Isola et al. 2017; SphereAR App. D).
+- `PatchDiscriminator`, `hinge_d_loss`, `hinge_g_loss`: the adversarial term (Isola et al. 2017; SphereAR App. D),
+                   and `HingeGAN`, the loss module that owns the discriminator and trains it as a second objective.
 
 Weights: VGG16 comes from a local torchvision-format state dict (`vgg16-*.pth`, keys features.N.weight/bias),
 the LPIPS linear heads from the `lpips` wheel's weights/v0.1/vgg.pth. Neither package is imported.
@@ -233,3 +234,35 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """L_G = -mean D(x_hat)."""
     return -logits_fake.mean()
+
+
+class HingeGAN(nn.Module):
+    """The adversarial term as one module that owns its PatchGAN discriminator (the authors keep it in gan/).
+
+    The generator adds weight * L_G = -weight mean D(x_hat) from step `start` (D frozen for that term); the
+    trainer steps D with its own optimizer on `loss(context, step)`, L_D = 0.5 [mean relu(1 - D(x)) + mean
+    relu(1 + D(x_hat))] on the generator step's detached fakes (context = {"real": x, "fake": x_hat}).
+    Before `start`, L_D is a constant 0 with no gradient, so AdamW leaves D untouched.
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64, n_layers: int = 3, start: int = 0):
+        super().__init__()
+        self.discriminator = PatchDiscriminator(in_channels, ndf, n_layers)
+        self.start = start
+
+    def active(self, step: int) -> bool:
+        return step >= self.start
+
+    def generator_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        self.discriminator.requires_grad_(False)  # G step: no gradients into D
+        loss = hinge_g_loss(self.discriminator(fake))
+        self.discriminator.requires_grad_(True)
+        return loss
+
+    def loss(self, context: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The second objective: L_D on context["real"] and the detached context["fake"]."""
+        real = context["real"]
+        if not self.active(step):
+            return torch.zeros((), device=real.device, requires_grad=True), {}
+        loss = hinge_d_loss(self.discriminator(real), self.discriminator(context["fake"]))
+        return loss, {"d": loss.detach()}

@@ -29,7 +29,7 @@ from torch import nn
 from .checkpoint import PretrainedMixin, load_model, register_model
 from .errors import UserError
 from .layers import Block, RMSNorm, grid_positions, rope_angles
-from .losses import PatchDiscriminator, build_perceptual, hinge_d_loss, hinge_g_loss, say_once
+from .losses import HingeGAN, build_perceptual, say_once
 from .sphere import PowerSpherical, project
 
 POSTERIORS = ("spherical", "gaussian", "sigma", "gaussian_norm")
@@ -209,9 +209,10 @@ class Tokenizer(PretrainedMixin, nn.Module):
             if cfg.image_size // 2 ** cfg.disc_layers < 3:
                 raise UserError(f"model.disc_layers {cfg.disc_layers} is too deep for {cfg.image_size}px images; "
                                 f"use at most {int(math.log2(cfg.image_size / 3))}")
-            self.discriminator = PatchDiscriminator(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers)
+            self.gan = HingeGAN(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers, cfg.disc_start)
+        else:
+            self.gan = None
         self._perceptual: list = []  # [module or None] once built; kept out of state_dict / parameters()
-        self._fakes: dict[int, torch.Tensor] = {}
 
     def _init_weights(self) -> None:
         """Linear ~ N(0, 0.02), zero bias; registers ~ N(0, 0.02); the three latent-facing linears keep
@@ -304,11 +305,19 @@ class Tokenizer(PretrainedMixin, nn.Module):
             module.to(self.conv_in.weight.device)  # a no-op once it is there
         return module
 
-    def _disc_active(self, step: int) -> bool:
-        return self.config.disc_weight > 0 and step >= self.config.disc_start
+    @property
+    def second_objective(self) -> HingeGAN | None:
+        """The GAN loss module: the trainer steps its discriminator with a second optimizer."""
+        return self.gan
 
-    def training_loss(self, batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L = rec(x, x_hat) + kl_weight KL + perceptual_weight P(x, x_hat) + disc_weight [step >= disc_start] L_G."""
+    @classmethod
+    def upgrade_state(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoints written before the GAN loss module owned the discriminator kept it at `discriminator.`."""
+        return {("gan." + k if k.startswith("discriminator.") else k): v for k, v in state.items()}
+
+    def training_loss(self, batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        """L = rec(x, x_hat) + kl_weight KL + perceptual_weight P(x, x_hat) + disc_weight [step >= disc_start] L_G;
+        the context {"real": x, "fake": x_hat} feeds the discriminator's own step."""
         cfg = self.config
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         params = self.encode(x)
@@ -324,28 +333,11 @@ class Tokenizer(PretrainedMixin, nn.Module):
             p = perceptual(x_hat, x)
             loss = loss + cfg.perceptual_weight * p
             terms["perceptual"] = p.detach()
-        if self._disc_active(step):
-            self.discriminator.requires_grad_(False)  # G step: no gradients into D
-            g = hinge_g_loss(self.discriminator(x_hat))
-            self.discriminator.requires_grad_(True)
+        if self.gan is not None and self.gan.active(step):
+            g = self.gan.generator_loss(x_hat)
             loss = loss + cfg.disc_weight * g
             terms["gen"] = g.detach()
-            self._fakes[x.data_ptr()] = x_hat.detach()
-        return loss, terms
-
-    def discriminator_loss(self, batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_D = 0.5 [relu(1 - D(x)) + relu(1 + D(x_hat))] on the generator step's detached x_hat; before
-        disc_start a zero loss with no gradient (AdamW then leaves D untouched)."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not self._disc_active(step):
-            self._fakes.clear()
-            return torch.zeros((), device=x.device, requires_grad=True), {}
-        fake = self._fakes.pop(x.data_ptr(), None)
-        if fake is None:
-            with torch.no_grad():
-                fake = self.decode(self.sample_latent(self.encode(x)), clamp=False)
-        loss = hinge_d_loss(self.discriminator(x), self.discriminator(fake))
-        return loss, {"d": loss.detach()}
+        return loss, terms, {"real": x, "fake": x_hat.detach()}
 
 
 def load_tokenizer(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> Tokenizer:

@@ -1,11 +1,12 @@
 """One training loop for every model: AdamW, warmup + cosine, EMA, grad clip, accumulation, AMP, resume.
 
 A model plugs in by defining
-    training_loss(batch, step) -> (loss, {"term": tensor, ...})
+    training_loss(batch, step) -> (loss, {"term": tensor, ...}) or (loss, terms, context)
 and, optionally,
     param_groups(weight_decay) -> list[dict]          custom optimizer groups (default: decay on >= 2-D weights)
-    discriminator: nn.Module + discriminator_loss(batch, step) -> (loss, terms)   a second AdamW (GANs)
-    ema_exclude: tuple[str, ...]                       name prefixes kept out of the EMA
+    second_objective: nn.Module with loss(context, step) -> (loss, terms), trained by a second AdamW
+                      (train.disc_lr) after each main step on the contexts of its micro-batches (a GAN's
+                      discriminator); its parameters stay out of the main optimizer and the EMA
 A dataset plugs in with `__len__` and `get_batch(indices, flip_mask) -> batch` (tensors or tuples of them).
 
 Exact resume: the data order is a pure function of (seed, epoch), the position is saved, and the torch,
@@ -70,11 +71,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def default_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay only on parameters with >= 2 dimensions (matrices, conv kernels)."""
+def default_param_groups(module: torch.nn.Module, weight_decay: float, skip: set[int] = frozenset()) -> list[dict]:
+    """AdamW groups: weight decay only on parameters with >= 2 dimensions (matrices, conv kernels);
+    parameters whose id() is in `skip` (another optimizer's) are left out."""
     decay, no_decay = [], []
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skip:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -171,30 +173,31 @@ class Trainer:
         self.model = model.to(self.device)
         dist.broadcast_module(self.model)
         self.fsdp = cfg.fsdp and self.world > 1
+        second = self.second = getattr(model, "second_objective", None)
         if self.fsdp:
-            if getattr(model, "discriminator", None) is not None:
-                raise UserError("train.fsdp does not support models with a GAN discriminator; use plain data parallel")
+            if second is not None:
+                raise UserError("train.fsdp does not support models with a second objective (a GAN discriminator); "
+                                "use plain data parallel")
             dist.shard_model(self.model)
         self.dataset = dataset
         self.config_dict = dict(config_dict or {})
         self.config_dict["train"] = to_dict(cfg)
-        disc = getattr(model, "discriminator", None)
+        own = {id(p) for p in second.parameters()} if second is not None else set()
         gen_params = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else None
         if gen_params is None:
-            gen_module = _without(model, "discriminator") if disc is not None else model
-            gen_params = default_param_groups(gen_module, cfg.weight_decay)
+            gen_params = default_param_groups(model, cfg.weight_decay, skip=own)
         betas = (cfg.beta1, cfg.beta2)
         for g in gen_params:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = cfg.lr * g["lr_scale"]
         self.opt = torch.optim.AdamW(gen_params, lr=cfg.lr, betas=betas)
         self.disc_opt = None
-        if disc is not None:
-            self.disc_opt = torch.optim.AdamW(default_param_groups(disc, cfg.weight_decay), lr=cfg.disc_lr, betas=betas)
+        if second is not None:
+            self.disc_opt = torch.optim.AdamW(default_param_groups(second, cfg.weight_decay), lr=cfg.disc_lr,
+                                              betas=betas)
         self.ema = None
         if cfg.ema_decay > 0:
-            exclude = tuple(getattr(model, "ema_exclude", ("discriminator.",)))
-            self.ema_names = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(exclude)]
+            self.ema_names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
             self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(self.ema_names)}
         self.sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, self.rank, self.world)
         self.step, self.bad_steps = 0, 0
@@ -261,6 +264,7 @@ class Trainer:
             if bool(state.get("fsdp")) != self.fsdp:
                 raise UserError(f"{ckpt} was saved with train.fsdp = {bool(state.get('fsdp'))}; resume with the "
                                 "same setting (and more than one rank for FSDP)")
+            weights = self.model.upgrade_state(weights) if hasattr(self.model, "upgrade_state") else weights
             if self.fsdp:
                 dist.load_full_state(self.model, self.opt, weights, state["optimizer"])
             else:
@@ -297,13 +301,16 @@ class Trainer:
         n = self.cfg.grad_accum
         return [to_device(self.dataset.get_batch(i, f), self.device) for i, f in zip(idx.chunk(n), flips.chunk(n))]
 
-    def _optimize(self, opt, loss_fn, params, batches) -> tuple[dict[str, float], float, bool]:
-        """Accumulate gradients over micro-batches, clip, and step; skip the step if anything is non-finite."""
+    def _optimize(self, opt, loss_fn, params, batches) -> tuple[dict[str, float], float, bool, list]:
+        """Accumulate gradients over micro-batches, clip, and step; skip the step if anything is non-finite.
+        Also returns the context each loss_fn call gave (None when it gave none)."""
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        contexts = []
         for batch in batches:
             with self.autocast:
-                loss, terms = loss_fn(batch, self.step)
+                loss, terms, *context = loss_fn(batch, self.step)
+            contexts.append(context[0] if context else None)
             (loss / self.cfg.grad_accum).backward()
             for k, v in {"loss": loss, **terms}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
@@ -317,9 +324,9 @@ class Trainer:
             bad.append("grad_norm")
         if bad:
             opt.zero_grad(set_to_none=True)
-            return totals, float(gnorm), False
+            return totals, float(gnorm), False, contexts
         opt.step()
-        return totals, float(gnorm), True
+        return totals, float(gnorm), True, contexts
 
     def fit(self, until: int | None = None) -> dict[str, float]:
         """Train until cfg.steps (or stop early after step `until`, with a checkpoint, as a kill would);
@@ -338,10 +345,10 @@ class Trainer:
         while self.step < stop:
             lr = self._set_lr()
             batches = self._micro_batches()
-            terms, gnorm, ok = self._optimize(self.opt, model.training_loss, params, batches)
-            if ok and self.disc_opt is not None:  # GAN: the discriminator steps on the same batch
-                d_params = list(model.discriminator.parameters())
-                d_terms, _, _ = self._optimize(self.disc_opt, model.discriminator_loss, d_params, batches)
+            terms, gnorm, ok, contexts = self._optimize(self.opt, model.training_loss, params, batches)
+            if ok and self.disc_opt is not None:  # a GAN's discriminator steps on the same micro-batches
+                d_params = list(self.second.parameters())
+                d_terms, _, _, _ = self._optimize(self.disc_opt, self.second.loss, d_params, contexts)
                 terms.update({f"disc_{k}": v for k, v in d_terms.items()})
             if ok:
                 self.bad_steps = 0
@@ -411,17 +418,6 @@ class _TensorDict(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return dict(self._t)
-
-
-def _without(model: torch.nn.Module, child: str) -> torch.nn.Module:
-    """A view of `model` whose parameters() skip submodule `child`."""
-    skip = {id(p) for p in getattr(model, child).parameters()}
-
-    class _View(torch.nn.Module):
-        def parameters(self, recurse=True):
-            return (p for p in model.parameters() if id(p) not in skip)
-
-    return _View()
 
 
 def _rmtree(path: Path) -> None:

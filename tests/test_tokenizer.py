@@ -87,8 +87,8 @@ def test_paper_config_parameter_count():
     cfg = TokenizerConfig(**load_toml("configs/tokenizer/paper_256.toml")["model"])
     with torch.device("meta"):
         model = Tokenizer(cfg)
-    n_vae = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("discriminator."))
-    n_disc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("discriminator."))
+    n_vae = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("gan.discriminator."))
+    n_disc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("gan.discriminator."))
     assert 72e6 <= n_vae <= 78e6, n_vae  # the reference counts 75.4M
     assert n_disc == 2_765_633
     assert model.grid == (16, 16) and model.radius == 4.0
@@ -158,7 +158,7 @@ def test_sigma_posterior_fixed_scale_per_image():
 def test_training_loss_backpropagates_for_every_arm(posterior):
     torch.manual_seed(0)
     model = Tokenizer(tiny_config(posterior=posterior, kl_weight=0.01))
-    loss, terms = model.training_loss((_images(2, 16, 3), None), 0)
+    loss, terms, _ = model.training_loss((_images(2, 16, 3), None), 0)
     loss.backward()
     assert torch.isfinite(loss) and {"rec", "kl"} <= set(terms)
     assert loss.item() == pytest.approx(terms["rec"].item() + 0.01 * terms["kl"].item(), rel=1e-5)
@@ -177,7 +177,7 @@ def test_kappa_init_and_perceptual_terms(monkeypatch):
     with torch.no_grad():
         kappa = model.encode(_images(2, 16, 3))["kappa"]
     assert (kappa - 300).abs().max() < 30  # the bias sets kappa; the weights only perturb it
-    loss, terms = model.training_loss((_images(2, 16, 3), None), 0)
+    loss, terms, _ = model.training_loss((_images(2, 16, 3), None), 0)
     expected = terms["rec"] + model.config.kl_weight * terms["kl"] + 0.5 * terms["perceptual"]
     assert terms["perceptual"] > 0 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
     lp = Tokenizer(tiny_config(perceptual="lpips", vgg_weights="random"))
@@ -189,23 +189,25 @@ def test_kappa_init_and_perceptual_terms(monkeypatch):
 def test_discriminator_protocol():
     torch.manual_seed(0)
     model = Tokenizer(tiny_config(disc_weight=0.5, disc_start=10, disc_ndf=8, disc_layers=2))
+    gan = model.second_objective
+    disc = gan.discriminator
     x = _images(2, 16, 3)
     # before disc_start: no generator GAN term, a zero D loss that leaves D's gradients empty
-    _, terms = model.training_loss((x, None), 5)
+    _, terms, context = model.training_loss((x, None), 5)
     assert "gen" not in terms
-    d_loss, _ = model.discriminator_loss((x, None), 5)
+    d_loss, _ = gan.loss(context, 5)
     d_loss.backward()
-    assert d_loss.item() == 0 and all(p.grad is None for p in model.discriminator.parameters())
+    assert d_loss.item() == 0 and all(p.grad is None for p in disc.parameters())
     # after: the G loss carries the GAN term without touching D; the D loss trains D only
-    loss, terms = model.training_loss((x, None), 10)
+    loss, terms, context = model.training_loss((x, None), 10)
     assert "gen" in terms
     loss.backward()
-    assert all(p.grad is None for p in model.discriminator.parameters())
+    assert all(p.grad is None for p in disc.parameters())
     model.zero_grad(set_to_none=True)
-    d_loss, _ = model.discriminator_loss((x, None), 10)
+    d_loss, _ = gan.loss(context, 10)
     d_loss.backward()
-    assert all(p.grad is not None for p in model.discriminator.parameters())
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("discriminator."))
+    assert all(p.grad is not None for p in disc.parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("gan.discriminator."))
 
 
 # -- persistence -------------------------------------------------------------------------------------------
