@@ -50,9 +50,9 @@ def tokenizer_config(image_size: int, channels: int) -> str:
 
 def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str, ds) -> dict:
     """Train (or reuse) the arm's tokenizer and AR model, then fill its table cells."""
-    from spheregen.demo import run_spheregen, train_or_resume
-    from spheregen.sample_cli import load_generator
-    from spheregen.tokenizer import evaluate_reconstruction, load_tokenizer
+    from spheregen.cli.demo import run_spheregen, train_or_resume
+    from spheregen.engine.tokenizer_setup import evaluate_reconstruction
+    from spheregen.generation import load_generator, load_tokenizer
 
     posterior, proj = ARMS[arm]
     dev = ["--device", device]
@@ -71,7 +71,7 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
                          "--set", f"train.ckpt_every={budget.ar_steps}", *dev)
 
     cells = harness.Cells(runs / f"ar-{arm}", budget)
-    from spheregen.data import ImageDataset
+    from spheregen.data.datasets import ImageDataset
 
     test = ImageDataset(data, "test")
     rec = cells.get("reconstruction", lambda: evaluate_reconstruction(

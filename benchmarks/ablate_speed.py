@@ -24,9 +24,9 @@ CFG = 3.0
 
 def measure(args) -> Path:
     """Every (sampler, head steps) cell for the checkpoint; writes and returns the result JSON."""
-    from spheregen.data import ImageDataset
+    from spheregen.data.datasets import ImageDataset
     from spheregen.errors import UserError
-    from spheregen.sample_cli import load_generator
+    from spheregen.generation import load_generator
 
     budget = harness.get_budget(args.budget, args.set)
     ckpt = args.ckpt or str(harness.ROOT / "runs" / "ablate" / f"posterior_{Path(args.data).name}-{args.budget}"

@@ -40,9 +40,9 @@ CFG_SCALE = 2.0
 
 
 def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str, ds) -> dict:
-    from spheregen.demo import train_or_resume
-    from spheregen.sample_cli import load_generator
-    from spheregen.sphere_encoder import psnr
+    from spheregen.cli.demo import train_or_resume
+    from spheregen.generation import load_generator
+    from spheregen.images import psnr
 
     sets = [a for s in ARMS[arm] + [f"train.ckpt_every={budget.sphere_steps}", "train.eval_every=0"]
             for a in ("--set", s)]
@@ -55,13 +55,13 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
         import numpy as np
         import torch
 
-        from spheregen.data import ImageDataset
+        from spheregen.data.datasets import ImageDataset
 
         test = ImageDataset(data, "test")
         x, _ = test.get_batch(np.arange(min(len(test), 500)))
         with torch.no_grad():
             rec = torch.cat([model.reconstruct(x[i:i + 100].to(device)).cpu() for i in range(0, len(x), 100)])
-        return {"psnr": psnr(rec, x), "n": len(x)}
+        return {"psnr": psnr(rec, x).mean().item(), "n": len(x)}
 
     settings = [(t, 1.0, "combo", True) for t in STEPS]
     if arm == REFERENCE:  # CFG at each position, and fresh noise at every step instead of one shared draw

@@ -4,7 +4,7 @@ Sampling: images/s and tokens/s against batch size, flow-head steps and KV cache
 the given config; decoding excluded). Training: tokens/s of optimizer steps fed from the latent cache
 versus encoding images on the fly (--no-cache), when a tokenizer and cache are available.
 Quality (--quality CKPT): samples `--per-class` images of every class at each `--cfgs` value, decodes them
-with the checkpoint's tokenizer and reports the accuracy of the dataset's classifier (spheregen.classifier).
+with the checkpoint's tokenizer and reports the accuracy of the dataset's classifier (spheregen.eval.classifier).
 
 Writes a Markdown table to stdout and to benchmarks/results/bench_ar.md (or --out). The default run takes a
 few minutes on a 2-core CPU:
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from spheregen.ar import ARConfig, SphereAR
 from spheregen.config import from_dict, load_toml
+from spheregen.models.ar import ARConfig, SphereAR
 from spheregen.sphere import project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +90,8 @@ def bench_sampling(model: SphereAR, args, device) -> str:
 
 
 def bench_training(args, device) -> str:
-    from spheregen.latents import LatentCache, OnTheFlyLatents
-    from spheregen.sample_cli import load_tokenizer
+    from spheregen.data.latents import LatentCache, OnTheFlyLatents
+    from spheregen.generation import load_tokenizer
 
     sources = []
     if args.latents and Path(args.latents).is_dir():
@@ -100,7 +100,7 @@ def bench_training(args, device) -> str:
         tok_path = args.tokenizer or cache.tokenizer_path
         data_path = args.data or cache.meta.get("data")
         if tok_path and data_path and Path(data_path).is_dir():
-            from spheregen.data import ImageDataset
+            from spheregen.data.datasets import ImageDataset
 
             sources.append(("on the fly (--no-cache)", OnTheFlyLatents(load_tokenizer(tok_path),
                                                                          ImageDataset(data_path, "train"))))
@@ -137,8 +137,8 @@ def bench_training(args, device) -> str:
 
 
 def bench_quality(args, device) -> str:
-    from spheregen.classifier import class_accuracy, get_classifier
-    from spheregen.sample_cli import load_generator, sample_images
+    from spheregen.eval.classifier import class_accuracy, get_classifier
+    from spheregen.generation import load_generator, sample_images
 
     model = load_generator(args.quality, args.tokenizer, str(device))
     classifier, ccfg, _ = get_classifier(args.data)
@@ -196,7 +196,7 @@ def main() -> None:
         skip = set(args.skip.split(","))
         if "sampling" not in skip:
             if args.latents and Path(args.latents).is_dir():
-                from spheregen.latents import LatentCache
+                from spheregen.data.latents import LatentCache
 
                 source = LatentCache(args.latents)
             else:

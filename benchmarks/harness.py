@@ -153,7 +153,7 @@ def generate_all(model, labels: list[int], seed: int, options: dict,
 
 def score(images: torch.Tensor, labels: list[int], data: str, budget: Budget, device: str) -> dict:
     """Inception FID, class accuracy and classifier-feature FID (dFID) of `images` against the dataset."""
-    from spheregen.metrics import evaluate
+    from spheregen.eval.evaluate import evaluate
 
     metrics = ("fid", "acc", "dfid") if labels and max(labels) > 0 else ("fid", "dfid")
     res = evaluate(images, data, metrics=metrics, labels=np.asarray(labels), ref_max_n=budget.ref_n,
@@ -164,7 +164,7 @@ def score(images: torch.Tensor, labels: list[int], data: str, budget: Budget, de
 def real_floor(data: str, budget: Budget, device: str) -> dict:
     """The scores of real held-out images at the same n as a table cell: the best a generator could get here,
     and the yardstick for how far apart two cells must be to differ (FID at small n is biased upwards)."""
-    from spheregen.data import ImageDataset
+    from spheregen.data.datasets import ImageDataset
 
     test = ImageDataset(data, "test")
     n = budget.per_class * max(test.num_classes, 1)
@@ -175,7 +175,7 @@ def real_floor(data: str, budget: Budget, device: str) -> dict:
 
 def save_examples(images: torch.Tensor, num_classes: int, per_class: int, path: Path, show: int = 8) -> Path:
     """A grid with one row per class (up to `show` images each) for the results page."""
-    from spheregen.sample_cli import save_grid
+    from spheregen.images import save_grid
 
     rows = max(num_classes, 1)
     idx = torch.cat([torch.arange(c * per_class, c * per_class + min(show, per_class)) for c in range(rows)])
@@ -186,7 +186,7 @@ def run_arms(args, name: str, known: dict, run_arm: Callable, extra: Callable) -
     """The arm-by-arm ablations' driver: check --arms against `known`, score real images once (the floor), run
     `run_arm(arm, data, runs, budget, device, dataset) -> dict` for each arm, write the JSON; returns its path.
     `extra(dataset) -> dict` adds the experiment's own settings to the JSON header."""
-    from spheregen.data import ImageDataset
+    from spheregen.data.datasets import ImageDataset
     from spheregen.errors import UserError
 
     arms = [a for a in args.arms.split(",") if a]

@@ -15,10 +15,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spheregen.ar import ARConfig, SphereAR  # noqa: E402
 from spheregen.config import from_dict, load_toml  # noqa: E402
-from spheregen.sphere_encoder import SphereEncoder, SphereEncoderConfig  # noqa: E402
-from spheregen.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+from spheregen.models.ar import ARConfig, SphereAR  # noqa: E402
+from spheregen.models.sphere_encoder import SphereEncoder, SphereEncoderConfig  # noqa: E402
+from spheregen.models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 # (model, config, reported parameter count, where that count comes from)
 PAPER = [

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from spheregen.metrics import plot_metric_curve  # noqa: E402
+from spheregen.eval.evaluate import plot_metric_curve  # noqa: E402
 
 DOCS = harness.ROOT / "docs"
 IMAGES = DOCS / "images" / "results"

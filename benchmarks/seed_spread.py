@@ -19,8 +19,8 @@ import harness  # noqa: E402
 
 
 def measure(args) -> Path:
-    from spheregen.data import ImageDataset
-    from spheregen.sample_cli import load_generator
+    from spheregen.data.datasets import ImageDataset
+    from spheregen.generation import load_generator
 
     budget = harness.get_budget(args.budget, args.set)
     ckpt = args.ckpt or str(harness.ROOT / "runs" / "ablate" / f"posterior_{Path(args.data).name}-{args.budget}"

@@ -15,14 +15,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from spheregen.config import from_dict, to_dict
+from spheregen.errors import UserError
 
 MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
+
+
 _REGISTRY: dict[str, type] = {}
 
 
 def register_model(name: str):
-    """Class decorator: lets `load_model(dir)` rebuild a model from the `model_type` in its config.json."""
+    """Class decorator: the `model_type` written to config.json, from which `spheregen.models.load_model`
+    rebuilds the model (spheregen's own models register on import; so can a user's)."""
 
     def wrap(cls):
         cls.model_type = name
@@ -30,6 +34,11 @@ def register_model(name: str):
         return cls
 
     return wrap
+
+
+def registered_models() -> dict[str, type]:
+    """model_type -> class of every registered model."""
+    return dict(_REGISTRY)
 
 
 def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,15 +122,24 @@ def load_weights(path: str | Path, use_ema: bool = False) -> dict[str, torch.Ten
     return weights
 
 
-def load_model(path: str | Path, use_ema: bool = True, expect: str | None = None) -> torch.nn.Module:
-    """Rebuild any registered model from a checkpoint directory (EMA weights when present)."""
-    config = read_config(path)
-    kind = config.get("model_type")
-    if kind not in _REGISTRY:
-        raise UserError(f"{path} holds a model of unknown type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
-    if expect is not None and kind != expect:
-        raise UserError(f"{path} holds a {kind} checkpoint, but a {expect} checkpoint is needed here")
-    return _REGISTRY[kind].from_pretrained(path, use_ema=use_ema)
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary `.step_*` dirs are never listed)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    dirs = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (or save_pretrained directory) as given, or the newest complete checkpoint of a
+    run directory; a path that is neither is returned as given (loading it then names the problem)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        ckpts = list_checkpoints(path)
+        if ckpts:
+            return ckpts[-1]
+    return path
 
 
 class PretrainedMixin:
@@ -137,15 +155,11 @@ class PretrainedMixin:
         return state
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> None:
-        from .config import to_dict
-
         config = {"model_type": self.model_type, "model": to_dict(self.config), **(extra or {})}
         save_model_dir(Path(path), self, config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, use_ema: bool = True, map_location: str = "cpu"):
-        from .config import from_dict
-
         config = read_config(path)
         if config.get("model_type") != cls.model_type:
             raise UserError(f"{path} holds a {config.get('model_type')} checkpoint, not a {cls.model_type}")

@@ -1,4 +1,8 @@
-"""Dataclass configs loaded from TOML, with `section.key=value` overrides from the command line."""
+"""Dataclass configs loaded from TOML, with `section.key=value` overrides from the command line.
+
+The shipped configs live in the package (spheregen/configs/KIND/NAME.toml; the repository's configs/ is a link
+to them), so `--config mnist_tiny` works from any directory; a path to any TOML file works too.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import UserError
+from spheregen.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,3 +126,31 @@ def load_toml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return data
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# `spheregen train KIND` -> the folder of its shipped configs
+CONFIG_KINDS = {"tokenizer": "tokenizer", "ar": "ar", "sphere": "sphere"}
+
+
+def shipped_configs(kind: str) -> list[str]:
+    """Names of the configs shipped for a kind (the folder spheregen/configs/KIND)."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.toml"))
+
+
+def config_path(kind: str, name: str | Path) -> Path:
+    """A TOML file: `name` itself when it is a file, else the shipped config KIND/NAME(.toml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".toml") else path.name
+    shipped = CONFIG_DIR / kind / f"{stem}.toml"
+    if shipped.is_file() and (len(path.parts) == 1 or path.parts[-2] == kind):
+        return shipped
+    raise UserError(f"config {name} is neither a file nor a shipped {kind} config; shipped: "
+                    f"{', '.join(shipped_configs(kind)) or 'none'}")
+
+
+def load_config(kind: str, name: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The parsed TOML of a shipped config name or a file, with `section.key=value` overrides applied."""
+    return load_toml(config_path(kind, name), overrides)

@@ -5,6 +5,15 @@
 - `PowerSpherical`   the Power Spherical distribution (De Cao & Aziz, 2020), the S-VAE posterior.
 - `HypersphericalUniform` the uniform prior on S^{d-1}.
 
+Where the package puts tokens on the sphere (each site carries a one-line comment):
+- the S-VAE posterior (models/tokenizer.py): mu = N_1(.) of the encoder output, a sample z = R u with
+  u ~ PowerSpherical(mu, kappa) (spherical), or z = N_R(mean + std eps) and its mode N_R(mean) (gaussian_norm);
+- the AR inputs (models/ar.py, `_latent_tokens`): N_R(z) before `proj_in` (off for the no-projection ablation);
+- the AR outputs, after the solve and after CFG (models/ar.py, `solve_token`), for the next input and the decoder;
+- the decoder (models/tokenizer.py, `decode`): renormalises the tokenizer's own on-sphere latents, and takes the
+  AR's choice (`project=`) for generated tokens, so the no-projection ablation reaches it off the sphere.
+The Sphere Encoder's sphere is global (spherify): its encoder output and every noisy latent (Eq. 1, 4-6).
+
 Numerics: all distribution math runs in fp32 (fp64 for Gamma draws, lgamma and digamma) whatever the
 input dtype, and results come back in the input dtype, so bf16 / fp16 inputs under autocast work.
 """

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spheregen.ar import ARConfig, SphereAR
-from spheregen.tokenizer import Tokenizer, TokenizerConfig
+from spheregen.models.ar import ARConfig, SphereAR
+from spheregen.models.tokenizer import Tokenizer, TokenizerConfig
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ No trained tokenizer is needed: FakeLatents stands in for the latent cache and F
 """
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -14,13 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from spheregen import cli, sample_cli
-from spheregen.ar import ARConfig, SphereAR, count_parameters, training_setup
-from spheregen.checkpoint import load_model
+from spheregen import cli, generation
 from spheregen.config import from_dict, load_toml
+from spheregen.engine import ar_setup
+from spheregen.engine.ar_setup import training_setup
+from spheregen.engine.trainer import TrainConfig, Trainer
 from spheregen.errors import UserError
+from spheregen.models import load_model
+from spheregen.models.ar import ARConfig, SphereAR, count_parameters
 from spheregen.sphere import project
-from spheregen.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 R = 2.0
@@ -53,7 +54,7 @@ class FakeDecoder(torch.nn.Module):
         super().__init__()
         self.lin = torch.nn.Linear(tokens * dim, 64)
 
-    def decode(self, z):
+    def decode(self, z, project=None):
         return torch.tanh(self.lin(z.flatten(1))).view(-1, 1, 8, 8)
 
 
@@ -217,13 +218,7 @@ def test_training_learns_class_conditional_tokens(tmp_path):
 
 
 def test_training_setup_reads_the_latents(monkeypatch):
-    fake = types.ModuleType("spheregen.latents")
-    fake.LatentCache = lambda path: FakeLatents()
-    fake.OnTheFlyLatents = None
-    monkeypatch.setitem(sys.modules, "spheregen.latents", fake)
-    import spheregen
-
-    monkeypatch.setattr(spheregen, "latents", fake, raising=False)
+    monkeypatch.setattr(ar_setup, "LatentCache", lambda path: FakeLatents())
     args = types.SimpleNamespace(tokenizer="some/tok", latents="cache", no_cache=False)
     model, data, eval_fn = training_setup({"model": {"dim": 32, "n_heads": 2, "n_layers": 1, "head_width": 32,
                                                      "head_depth": 2, "n_cls_tokens": 2}}, args)
@@ -250,7 +245,7 @@ def test_sample_command_writes_grid_pngs_and_npz(tmp_path, monkeypatch, capsys):
     model.save_pretrained(tmp_path / "ar")
     torch.manual_seed(1)
     decoder = FakeDecoder()
-    monkeypatch.setattr(sample_cli, "load_tokenizer", lambda path, device="cpu": decoder)
+    monkeypatch.setattr(generation, "load_tokenizer", lambda path, device="cpu": decoder)
     base = ["sample", "--ckpt", str(tmp_path / "ar"), "--classes", "0,2", "--n", "3", "--steps", "3",
             "--cfg", "2", "--quiet"]
     rc = cli.main(base + ["--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "pngs"),
@@ -278,15 +273,15 @@ def test_sample_command_writes_grid_pngs_and_npz(tmp_path, monkeypatch, capsys):
 def test_trained_mnist_model_draws_the_requested_digits():
     """End to end on the tiny MNIST run (runs/ar-mnist_tiny, trained with configs/ar/mnist_tiny.toml): the
     classifier trained on real MNIST recognises the requested class in most guided samples."""
-    from spheregen.classifier import class_accuracy, get_classifier
+    from spheregen.eval.classifier import class_accuracy, get_classifier
 
     run, data = ROOT / "runs/ar-mnist_tiny", ROOT / "data/mnist28"
     if not any(run.glob("checkpoints/step_*")) or not (data / "images.npy").is_file():
         pytest.skip("train the tiny MNIST tokenizer and AR model first (configs/ar/mnist_tiny.toml)")
-    model = sample_cli.load_generator(str(run))
+    model = generation.load_generator(str(run))
     classifier, _, _ = get_classifier(data)
     labels = [c for c in range(10) for _ in range(30)]
     opts = {"cfg": 6.0, "cfg_schedule": "constant", "sampler": "euler_maruyama", "steps": 50}
-    images = sample_cli.sample_images(model, labels, 1000, 100, opts, progress=False)
+    images = generation.sample_images(model, labels, 1000, 100, opts, progress=False)
     assert images.shape[1:] == (1, 28, 28)
     assert class_accuracy(images, torch.tensor(labels), classifier) >= 0.85

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def small_mnist(tmp: Path, size: int, per_class: int = 30) -> str:
     """A class-balanced slice of MNIST (the classifier behind acc / dFID trains on it in seconds)."""
-    from spheregen.data import build_mnist
+    from spheregen.data.builders import build_mnist
 
     full = tmp / f"full{size}"
     build_mnist(full, size)

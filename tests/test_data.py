@@ -1,4 +1,4 @@
-"""Tests for spheregen.data: the three dataset builders, the on-disk format and ImageDataset."""
+"""Tests for spheregen.data.datasets: the three dataset builders, the on-disk format and ImageDataset."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spheregen import cli, data
+from spheregen import cli, images
+from spheregen.data import builders, datasets
 from spheregen.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def mnist_dirs(tmp_path_factory) -> dict[int, Path]:
     out = {}
     for size in (28, 32):
         out[size] = base / f"mnist{size}"
-        data.build_mnist(out[size], size)
+        builders.build_mnist(out[size], size)
     return out
 
 
@@ -78,13 +79,13 @@ def test_mnist_format(mnist_dirs):
 
 
 def test_mnist_resize_smaller(tmp_path):
-    data.build_mnist(tmp_path / "m16", 16)
+    builders.build_mnist(tmp_path / "m16", 16)
     images, labels, _, meta = read_dataset(tmp_path / "m16")
     assert images.shape == (5000, 16, 16, 1) and meta["size"] == 16 and images.max() > 200
 
 
 def test_dataset_values_and_splits(mnist_dirs):
-    full = data.ImageDataset(mnist_dirs[32])
+    full = datasets.ImageDataset(mnist_dirs[32])
     assert (len(full), full.num_classes, full.image_size, full.channels) == (5000, 10, 32, 1)
     x, y = full[3]
     raw = np.load(mnist_dirs[32] / "images.npy")
@@ -92,19 +93,19 @@ def test_dataset_values_and_splits(mnist_dirs):
     assert x.min() >= -1 and x.max() <= 1 and x.min() == -1 and x.max() == 1
     assert torch.allclose(x, torch.from_numpy(raw[3]).permute(2, 0, 1).float() / 127.5 - 1)
 
-    train = data.ImageDataset(mnist_dirs[32], split="train")
-    test = data.ImageDataset(mnist_dirs[32], split="test")
+    train = datasets.ImageDataset(mnist_dirs[32], split="train")
+    test = datasets.ImageDataset(mnist_dirs[32], split="test")
     assert len(test) == 500 and len(train) == 4500
     assert not set(train.indices) & set(test.indices)
     assert sorted(np.concatenate([train.indices, test.indices]).tolist()) == list(range(5000))
     # deterministic, and not simply the last 10% of the (class-sorted) file
-    assert np.array_equal(data.ImageDataset(mnist_dirs[32], split="test").indices, test.indices)
+    assert np.array_equal(datasets.ImageDataset(mnist_dirs[32], split="test").indices, test.indices)
     assert len(set(test.labels.tolist())) == 10
-    assert len(data.ImageDataset(mnist_dirs[32], split="test", test_fraction=0.2)) == 1000
+    assert len(datasets.ImageDataset(mnist_dirs[32], split="test", test_fraction=0.2)) == 1000
 
 
 def test_get_batch_matches_getitem_and_flips(mnist_dirs):
-    ds = data.ImageDataset(mnist_dirs[28], split="train")
+    ds = datasets.ImageDataset(mnist_dirs[28], split="train")
     idx = [17, 3, 4000, 3, 250]
     x, y = ds.get_batch(idx)
     assert x.shape == (5, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -118,7 +119,7 @@ def test_get_batch_matches_getitem_and_flips(mnist_dirs):
         assert torch.equal(xf[k], x[k].flip(-1) if mask[k] else x[k])
     assert not torch.equal(xf[0], x[0])  # a digit is not mirror-symmetric
 
-    flipping = data.ImageDataset(mnist_dirs[28], flip=True)
+    flipping = datasets.ImageDataset(mnist_dirs[28], flip=True)
     torch.manual_seed(0)
     seen = {torch.equal(flipping[7][0], flipping.get_batch([7])[0][0]) for _ in range(20)}
     assert seen == {True, False}
@@ -126,24 +127,24 @@ def test_get_batch_matches_getitem_and_flips(mnist_dirs):
 
 def test_dataset_missing_dir(tmp_path):
     with pytest.raises(UserError, match="spheregen data"):
-        data.ImageDataset(tmp_path / "nope")
+        datasets.ImageDataset(tmp_path / "nope")
     (tmp_path / "partial").mkdir()
     np.save(tmp_path / "partial" / "images.npy", np.zeros((1, 2, 2, 1), np.uint8))
     with pytest.raises(UserError, match="meta.json"):
-        data.ImageDataset(tmp_path / "partial")
+        datasets.ImageDataset(tmp_path / "partial")
 
 
 def test_write_replaces_existing_and_refuses_foreign(tmp_path):
     out = tmp_path / "ds"
     img = np.zeros((2, 4, 4, 3), np.uint8)
-    data.write_dataset(out, img, np.zeros(2), [], "a")
-    data.write_dataset(out, img[:1] + 7, np.zeros(1), [], "b")
+    builders.write_dataset(out, img, np.zeros(2), [], "a")
+    builders.write_dataset(out, img[:1] + 7, np.zeros(1), [], "b")
     images, _, _, meta = read_dataset(out)
     assert meta["source"] == "b" and images.shape[0] == 1 and images.max() == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temp/old dirs left
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="notes.txt"):
-        data.write_dataset(out, img, np.zeros(2), [], "c")
+        builders.write_dataset(out, img, np.zeros(2), [], "c")
 
 
 # ------------------------------------------------------------------------------------------ folder
@@ -165,7 +166,7 @@ def make_image_tree(root: Path) -> None:
 
 def test_folder_classes_and_conversion(tmp_path):
     make_image_tree(tmp_path / "src")
-    summary = data.build_folder(tmp_path / "src", tmp_path / "out", 16)
+    summary = builders.build_folder(tmp_path / "src", tmp_path / "out", 16)
     images, labels, classes, meta = read_dataset(tmp_path / "out")
     assert classes == ["cats", "dogs"] and labels.tolist() == [0, 0, 1, 1]
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
@@ -178,14 +179,14 @@ def test_folder_classes_and_conversion(tmp_path):
     assert abs(int(images[2, 8, 8, 2]) - 200) < 15 and images[2, 8, 8, 0] < 20
     assert len(set(map(tuple, images[3].reshape(-1, 3).tolist()))) > 10  # palette gradient kept
 
-    ds = data.ImageDataset(tmp_path / "out")
+    ds = datasets.ImageDataset(tmp_path / "out")
     assert (ds.num_classes, ds.channels, ds.image_size) == (2, 3, 16)
 
 
 def test_center_crop():
     im = Image.fromarray(np.concatenate([np.zeros((10, 10, 3)), np.full((10, 10, 3), 255),
                                          np.zeros((10, 10, 3))], axis=1).astype(np.uint8))
-    out = np.asarray(data.center_square_resize(im, 5))
+    out = np.asarray(images.center_square_resize(im, 5))
     assert out.shape == (5, 5, 3) and out.min() >= 250  # only the white middle square survives
 
 
@@ -194,10 +195,10 @@ def test_folder_unconditional(tmp_path):
     src.mkdir()
     for i in range(3):
         Image.fromarray(np.full((12, 8, 3), 40 * i, np.uint8)).save(src / f"{i}.png")
-    data.build_folder(src, tmp_path / "out", 8)
+    builders.build_folder(src, tmp_path / "out", 8)
     images, labels, classes, _ = read_dataset(tmp_path / "out")
     assert classes == [] and labels.tolist() == [0, 0, 0] and images.shape == (3, 8, 8, 3)
-    assert data.ImageDataset(tmp_path / "out").num_classes == 0
+    assert datasets.ImageDataset(tmp_path / "out").num_classes == 0
 
 
 @pytest.fixture
@@ -234,7 +235,7 @@ def test_each_bad_file_is_named(bad_tree, tmp_path, name):
     for other in {"cats/corrupt.png", "dogs/empty.png", "dogs/notes.txt"} - {f"dogs/{name}"}:
         (bad_tree / other).unlink()
     with pytest.raises(UserError, match=name) as e:
-        data.build_folder(bad_tree, tmp_path / "o", 8)
+        builders.build_folder(bad_tree, tmp_path / "o", 8)
     assert "--skip-bad" in str(e.value)
 
 
@@ -264,7 +265,7 @@ def test_cli_bad_arguments(tmp_path, capsys):
 
 def emoji_sources() -> tuple[Path, Path] | None:
     found = []
-    for rel in (data.FONT_REL, data.EMOJI_TEST_REL):
+    for rel in (builders.FONT_REL, builders.EMOJI_TEST_REL):
         hits = [p for p in (Path("/") / rel, ROOT / "data" / "debs" / rel) if p.is_file()]
         if not hits:
             return None
@@ -277,8 +278,8 @@ def test_emoji_parse_counts():
     if sources is None:
         pytest.skip("Noto Color Emoji / emoji-test.txt not installed (apt-get install "
                     "fonts-noto-color-emoji unicode-data, or `make emoji-debs`)")
-    items, groups = data.parse_emoji_test(sources[1])
-    all_items, _ = data.parse_emoji_test(sources[1], keep_skin_tones=True)
+    items, groups = builders.parse_emoji_test(sources[1])
+    all_items, _ = builders.parse_emoji_test(sources[1], keep_skin_tones=True)
     assert len(groups) == 9 and "Component" not in groups and groups[0] == "Smileys & Emotion"
     assert len(items) < len(all_items)
     assert not any(0x1F3FB <= ord(c) <= 0x1F3FF for text, _ in items for c in text)
@@ -307,7 +308,7 @@ def test_emoji_missing_font(tmp_path, capsys, monkeypatch):
     proc = main_in_process(capsys, "data", "emoji", "--size", "32", "--out", str(tmp_path / "e"),
                            "--font", str(tmp_path / "nope.ttf"))
     assert_one_line_error(proc, "nope.ttf", "fonts-noto-color-emoji", "make emoji-debs")
-    if not Path("/" + data.FONT_REL).is_file():  # default lookup: system path, then ./data/debs (absent)
+    if not Path("/" + builders.FONT_REL).is_file():  # default lookup: system path, then ./data/debs (absent)
         monkeypatch.chdir(tmp_path)
         proc = main_in_process(capsys, "data", "emoji", "--size", "32", "--out", str(tmp_path / "e"))
         assert_one_line_error(proc, "fonts-noto-color-emoji", "make emoji-debs")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spheregen.flow_head import FlowHead, guided_velocity, noise_draws, solve, timestep_embedding
+from spheregen.models.flow_head import FlowHead, guided_velocity, noise_draws, solve, timestep_embedding
 
 
 def gaussian_velocity(mu: torch.Tensor, sigma: float):

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from sphere_ar_layout import SIZES, ar_state, parameter_count, vae_state
 
 from spheregen import cli
-from spheregen.ar import SphereAR
+from spheregen.generation import class_labels, load_generator
 from spheregen.interop.safe_load import safe_load
 from spheregen.interop.sphere_ar import build_models, load_authors_file, load_pair, split_state
-from spheregen.sample_cli import class_labels, load_generator
+from spheregen.models.ar import SphereAR
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("SPHEREGEN_SPHEREAR_FIXTURE") or ROOT.parent / "shared/fixtures/sphereAR_reference")

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spheregen.checkpoint import load_model
 from spheregen.cli import main as cli_main
-from spheregen.edit import noise_interpolate
 from spheregen.errors import UserError
 from spheregen.interop.sphere_encoder import SIZES_ENV, convert_file, convert_for_cache
+from spheregen.models import load_model
+from spheregen.models.sphere_encoder_edit import noise_interpolate
 
 FIXTURE = Path(os.environ.get("SPHEREGEN_SPHERE_ENCODER_FIXTURE")
                or Path(__file__).resolve().parents[2] / "shared/fixtures/sphere_encoder_reference")
@@ -241,7 +241,7 @@ INFIXES = [("labels.table.", "y_embedder.embedding_table."), ("adaln.", "adaLN_m
 def authors_layout(model) -> dict[str, torch.Tensor]:
     """Our state dict as the authors' code would store it (the converter's layout facts, inverted)."""
     from spheregen.interop.sphere_encoder import rope_perm, unpatchify_perm
-    from spheregen.sphere_encoder_nets import pos_table
+    from spheregen.models.sphere_encoder_nets import pos_table
 
     c = model.config
     hd = c.width // c.heads
@@ -273,7 +273,8 @@ def authors_layout(model) -> dict[str, torch.Tensor]:
     dict(head="linear", patch_size=8, heads=1, latent_dim=16, num_classes=0, mixer_depth=2, dec_mixer_depth=1),
 ])
 def test_round_trip_through_the_authors_layout(tmp_path, kw):
-    from spheregen.sphere_encoder import SphereEncoder, SphereEncoderConfig
+    from spheregen.models.sphere_encoder import SphereEncoder
+    from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
 
     torch.manual_seed(0)
     cfg = SphereEncoderConfig(image_size=16, channels=3, width=32, depth=2, attn_proj_bias=True, uncond_head_norm=False,

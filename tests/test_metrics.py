@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spheregen import metrics as M
-from spheregen.classifier import (
+from spheregen.data.builders import write_dataset
+from spheregen.errors import UserError
+from spheregen.eval import evaluate as E
+from spheregen.eval import metrics as M
+from spheregen.eval.classifier import (
     class_accuracy,
     get_classifier,
     load_classifier,
@@ -22,9 +25,7 @@ from spheregen.classifier import (
     save_classifier,
     train_classifier,
 )
-from spheregen.data import write_dataset
-from spheregen.errors import UserError
-from spheregen.inception import (
+from spheregen.eval.inception import (
     extract_features,
     load_inception,
     preprocess,
@@ -226,7 +227,7 @@ def test_inception_with_logits_layer(tmp_path):
     assert torch.allclose(logits, f @ net.net.output.weight.T)  # no bias, as the TF IS code
     assert M.inception_score(logits, splits=2)[0] >= 1.0
     x = torch.rand(20, 3, 16, 16) * 2 - 1  # the tensor API of evaluate, with IS available
-    res = M.evaluate(x, x, ["fid", "is"], device="cpu", inception=str(path))
+    res = E.evaluate(x, x, ["fid", "is"], device="cpu", inception=str(path))
     assert res["fid"] == pytest.approx(0.0, abs=1e-6) and res["is_mean"] >= 1.0 and res["is_std"] >= 0.0
 
 
@@ -269,41 +270,41 @@ def test_load_images_sources(tmp_path, quad_dir):
     folder.mkdir()
     for i, im in enumerate(rgb):
         Image.fromarray(im).save(folder / f"{i:03d}.png")
-    got, labels = M.load_images(folder)
+    got, labels = E.load_images(folder)
     assert np.array_equal(got, rgb) and labels is None
-    assert np.array_equal(M.load_images(folder, max_n=2)[0], rgb[:2])
+    assert np.array_equal(E.load_images(folder, max_n=2)[0], rgb[:2])
 
     gray = folder.parent / "gray"
     gray.mkdir()
     for i, im in enumerate(rgb[..., 0]):
         Image.fromarray(im, "L").save(gray / f"{i}.png")
-    assert M.load_images(gray)[0].shape == (5, 8, 8, 1)
+    assert E.load_images(gray)[0].shape == (5, 8, 8, 1)
 
     np.savez(tmp_path / "s.npz", arr_0=rgb, arr_1=np.arange(5))
-    got, labels = M.load_images(tmp_path / "s.npz")
+    got, labels = E.load_images(tmp_path / "s.npz")
     assert np.array_equal(got, rgb) and labels.tolist() == [0, 1, 2, 3, 4]
 
-    test_imgs, test_labels = M.load_images(quad_dir, split="test")
-    all_imgs, all_labels = M.load_images(quad_dir, split="all")
+    test_imgs, test_labels = E.load_images(quad_dir, split="test")
+    all_imgs, all_labels = E.load_images(quad_dir, split="all")
     assert len(test_imgs) == 24 and len(all_imgs) == 240 and test_imgs.shape[1:] == (28, 28, 1)
-    assert len(M.load_images(quad_dir, max_n=7, split="train")[0]) == 7
+    assert len(E.load_images(quad_dir, max_n=7, split="train")[0]) == 7
 
     np.savez(tmp_path / "f.npz", arr_0=rgb.astype(np.float32))
     np.savez(tmp_path / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
     for bad in (tmp_path / "missing", tmp_path / "f.npz", tmp_path / "stats.npz", tmp_path / "pngs" / "000.png"):
         with pytest.raises(UserError):
-            M.load_images(bad)
+            E.load_images(bad)
 
 
 def test_stats_roundtrip_and_network_key(tmp_path):
     f = _rand_feats(50, 6, 10)
-    stats = M.feature_stats(f, "net-a", sample=20)
+    stats = E.feature_stats(f, "net-a", sample=20)
     assert stats["feats"].shape == (20, 6) and stats["n"] == 50
-    M.save_stats(tmp_path / "s.npz", stats)
-    back = M.load_stats(tmp_path / "s.npz", "net-a")
+    E.save_stats(tmp_path / "s.npz", stats)
+    back = E.load_stats(tmp_path / "s.npz", "net-a")
     assert np.allclose(back["mu"], f.mean(0)) and back["n"] == 50 and back["network"] == "net-a"
     with pytest.raises(UserError, match="net-a"):
-        M.load_stats(tmp_path / "s.npz", "net-b")
+        E.load_stats(tmp_path / "s.npz", "net-b")
 
 
 def _toy_net(x: torch.Tensor) -> torch.Tensor:
@@ -313,29 +314,29 @@ def _toy_net(x: torch.Tensor) -> torch.Tensor:
 def test_reference_stats_sources_and_cache(tmp_path, monkeypatch):
     images, labels = quadrant_images(60)
     ds = write_dataset(tmp_path / "ds", images, labels, ["a", "b", "c", "d"], "test")
-    stats = M.reference_stats(ds, _toy_net, "toy", split="train", max_n=30)
+    stats = E.reference_stats(ds, _toy_net, "toy", split="train", max_n=30)
     cache = ds / "stats" / "toy-train-30.npz"
     assert cache.is_file() and stats["n"] == 30 and stats["feats"].shape == (30, 16)
 
     def no_features(*args, **kwargs):
         raise AssertionError("features recomputed although cached")
 
-    monkeypatch.setattr(M, "extract_features", no_features)
-    again = M.reference_stats(ds, _toy_net, "toy", split="train", max_n=30)
+    monkeypatch.setattr(E, "extract_features", no_features)
+    again = E.reference_stats(ds, _toy_net, "toy", split="train", max_n=30)
     assert np.array_equal(again["sigma"], stats["sigma"])
     with pytest.raises(AssertionError, match="recomputed"):
-        M.reference_stats(ds, _toy_net, "other-net", split="train", max_n=30)  # not another network's cache
+        E.reference_stats(ds, _toy_net, "other-net", split="train", max_n=30)  # not another network's cache
     with pytest.raises(UserError, match="toy"):
-        M.load_stats(cache, "other-net")  # and a stats file of another network is refused
+        E.load_stats(cache, "other-net")  # and a stats file of another network is refused
     monkeypatch.undo()
 
     # an ADM-style reference batch: mu/sigma plus an image sample, no feature sample
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     f = _toy_net(x).numpy()
     np.savez(tmp_path / "ref.npz", arr_0=images, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
-    adm = M.reference_stats(tmp_path / "ref.npz", _toy_net, "toy")
+    adm = E.reference_stats(tmp_path / "ref.npz", _toy_net, "toy")
     assert np.allclose(adm["feats"], f, atol=1e-6) and adm["network"] is None
-    from_tensor = M.reference_stats(x, _toy_net, "toy")
+    from_tensor = E.reference_stats(x, _toy_net, "toy")
     assert np.allclose(from_tensor["mu"], f.mean(0), atol=1e-6)
 
 
@@ -352,23 +353,23 @@ def test_evaluate_dataset_with_cache(quad_dir, tmp_path):
     assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
     assert res["is_mean"] is None  # the default network has no logits
     # samples = the test split itself: its accuracy is the classifier's held-out accuracy
-    full = M.evaluate(quad_dir, quad_dir, ["acc"], device="cpu")
+    full = E.evaluate(quad_dir, quad_dir, ["acc"], device="cpu")
     assert full["acc"] == pytest.approx(full["classifier_test_acc"])
     cached = sorted(p.name for p in (quad_dir / "stats").iterdir())
     assert len(cached) == 2 and any(n.startswith("inception-") for n in cached)
-    again = M.evaluate(quad_dir, quad_dir, ["fid", "dfid"], max_n=10, device="cpu")
+    again = E.evaluate(quad_dir, quad_dir, ["fid", "dfid"], max_n=10, device="cpu")
     assert again["fid"] == pytest.approx(res["fid"]) and again["dfid"] == pytest.approx(res["dfid"])
     # samples as an .npz with a separate labels file; wrong labels lower the accuracy
-    images, labels = M.load_images(quad_dir, split="test")
+    images, labels = E.load_images(quad_dir, split="test")
     np.savez(tmp_path / "samples.npz", arr_0=images)
     np.save(tmp_path / "labels.npy", labels)
     np.save(tmp_path / "wrong.npy", (labels + 1) % 4)
-    right = M.evaluate(tmp_path / "samples.npz", quad_dir, ["acc"], labels=tmp_path / "labels.npy", device="cpu")
-    wrong = M.evaluate(tmp_path / "samples.npz", quad_dir, ["acc"], labels=tmp_path / "wrong.npy", device="cpu")
+    right = E.evaluate(tmp_path / "samples.npz", quad_dir, ["acc"], labels=tmp_path / "labels.npy", device="cpu")
+    wrong = E.evaluate(tmp_path / "samples.npz", quad_dir, ["acc"], labels=tmp_path / "wrong.npy", device="cpu")
     assert right["acc"] == pytest.approx(full["acc"]) and wrong["acc"] < right["acc"]
     np.save(tmp_path / "short.npy", labels[:3])
     with pytest.raises(UserError, match="labels"):
-        M.evaluate(tmp_path / "samples.npz", quad_dir, ["acc"], labels=tmp_path / "short.npy", device="cpu")
+        E.evaluate(tmp_path / "samples.npz", quad_dir, ["acc"], labels=tmp_path / "short.npy", device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ reporting, CLI
@@ -377,10 +378,10 @@ def test_evaluate_dataset_with_cache(quad_dir, tmp_path):
 def test_markdown_and_plot(tmp_path):
     res = {"samples": "s.npz", "n_samples": 10, "fid": 12.345, "kid_mean": 0.0123, "kid_std": 0.001,
            "is_mean": None, "precision": 0.5, "recall": 0.25}
-    table = M.markdown_table(res, ["fid", "kid", "is", "pr"]).splitlines()
+    table = E.markdown_table(res, ["fid", "kid", "is", "pr"]).splitlines()
     assert table[0] == "| samples | n | FID | KID x1e3 | IS | precision | recall |"
     assert table[2] == "| s.npz | 10 | 12.35 | 12.30 ± 1.00 | n/a | 0.500 | 0.250 |"
-    png = M.plot_metric_curve([1, 2, 4], [[3.0, 2.0, 1.5], [4.0, 3.0, 2.0]], "CFG scale", "FID",
+    png = E.plot_metric_curve([1, 2, 4], [[3.0, 2.0, 1.5], [4.0, 3.0, 2.0]], "CFG scale", "FID",
                               tmp_path / "plots" / "fid_cfg.png", labels=["a", "b"])
     with Image.open(png) as im:
         assert im.size[0] > 100 and im.format == "PNG"
@@ -407,10 +408,10 @@ def test_cli_missing_path_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_mnist_classifier_and_fid(tmp_path):
-    from spheregen.data import build_mnist
+    from spheregen.data.builders import build_mnist
 
     build_mnist(tmp_path / "mnist", 32)
     model, config = train_classifier(tmp_path / "mnist", verbose=False)
     assert config["test_accuracy"] >= 0.97
-    res = M.evaluate(tmp_path / "mnist", tmp_path / "mnist", ["fid"], max_n=200, device="cpu")
+    res = E.evaluate(tmp_path / "mnist", tmp_path / "mnist", ["fid"], max_n=200, device="cpu")
     assert 0 < res["fid"] < 100

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spheregen.checkpoint import load_weights
-from spheregen.train import list_checkpoints
+from spheregen.checkpoint import list_checkpoints, load_weights
 
 SCRIPT = str(Path(__file__).parent / "toy_train.py")
 

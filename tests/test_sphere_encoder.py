@@ -11,14 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from spheregen.checkpoint import load_model
 from spheregen.cli import main as cli_main
+from spheregen.cli.train import run_training
 from spheregen.config import from_dict, load_toml
-from spheregen.data import write_dataset
-from spheregen.edit import slerp, stitch
+from spheregen.data.builders import write_dataset
 from spheregen.errors import UserError
-from spheregen.sphere_encoder import SphereEncoder, SphereEncoderConfig, stratified_uniform
-from spheregen.train_cli import run_training
+from spheregen.models import load_model
+from spheregen.models.sphere_encoder import SphereEncoder
+from spheregen.models.sphere_encoder_edit import slerp, stitch
+from spheregen.models.sphere_encoder_loss import stratified_uniform
+from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = {"w_recon_dist": "recon_dist", "w_recon_perc": "recon_perc", "w_con_dist": "con_dist",
@@ -409,7 +411,7 @@ def test_sample_command_passes_sphere_options(trained, tmp_path):
         return np.load(tmp_path / name)["arr_0"]
 
     def direct(**kw) -> np.ndarray:
-        from spheregen.sample_cli import to_uint8
+        from spheregen.images import to_uint8
 
         with torch.no_grad():
             return to_uint8(model.generate(torch.tensor([0, 0, 2, 2]), seeds=[0, 1, 2, 3], **kw))
@@ -425,8 +427,8 @@ def test_trained_mnist_sphere_encoder_draws_the_requested_digits():
     """End to end on the checkpoint `make demo-sphere` trains (configs/sphere/mnist_tiny.toml): the classifier
     trained on real MNIST recognises the requested class in most unguided 4-step samples (the issue's >= 80%),
     and in most 1-step samples."""
-    from spheregen.classifier import class_accuracy, get_classifier
-    from spheregen.sample_cli import load_generator
+    from spheregen.eval.classifier import class_accuracy, get_classifier
+    from spheregen.generation import load_generator
 
     run, data = ROOT / "runs/demo/sphere_encoder", ROOT / "data/mnist32"
     if not any(run.glob("checkpoints/step_*")) or not (data / "images.npy").is_file():
@@ -457,7 +459,7 @@ def test_default_switches_keep_native_keys_and_authors_switches_change_them():
 
 
 def test_authors_pixel_heads_and_position_table():
-    from spheregen.sphere_encoder_nets import pos_table
+    from spheregen.models.sphere_encoder_nets import pos_table
 
     x, y = batch(2)
     v = torch.randn(2, 16, 8)
@@ -496,7 +498,7 @@ def test_soft_labels_equal_class_ids_and_mix_embeddings():
 
 
 def test_noise_interpolation_hits_its_ends_and_corners():
-    from spheregen.edit import interp_noise, interp_weights, noise_interpolate
+    from spheregen.models.sphere_encoder_edit import interp_noise, interp_weights, noise_interpolate
 
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
@@ -518,7 +520,7 @@ def test_noise_interpolation_hits_its_ends_and_corners():
 @pytest.mark.parametrize("mode, frac", [("left-right", 0.5), ("top-bottom", 0.5), ("center", 0.75),
                                         ("quadrants", 0.5), ("diagonal", 0.5)])
 def test_stitch_modes(mode, frac):
-    from spheregen.edit import stitch_mask
+    from spheregen.models.sphere_encoder_edit import stitch_mask
 
     mask = stitch_mask(16, 16, mode)
     assert abs(mask.float().mean().item() - frac) < 0.07
@@ -527,7 +529,7 @@ def test_stitch_modes(mode, frac):
 
 
 def test_bn_recalibration_uses_the_calibration_statistics():
-    from spheregen.sphere_encoder import recalibrate_bn
+    from spheregen.models.sphere_encoder import recalibrate_bn
 
     model = tiny_model(latent_bn=True)
     x, y = batch(16)

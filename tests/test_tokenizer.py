@@ -11,20 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from spheregen.cli import main as cli_main
+from spheregen.cli.train import run_training
 from spheregen.config import load_toml
-from spheregen.data import ImageDataset, write_dataset
+from spheregen.data.builders import write_dataset
+from spheregen.data.datasets import ImageDataset
+from spheregen.data.latents import LatentCache, OnTheFlyLatents, write_latent_cache
 from spheregen.errors import UserError
-from spheregen.latents import LatentCache, OnTheFlyLatents, write_latent_cache
+from spheregen.generation import load_tokenizer
+from spheregen.models.tokenizer import POSTERIORS, Tokenizer, TokenizerConfig, kl_term, sample_posterior
 from spheregen.sphere import PowerSpherical
-from spheregen.tokenizer import (
-    POSTERIORS,
-    Tokenizer,
-    TokenizerConfig,
-    kl_term,
-    load_tokenizer,
-    sample_posterior,
-)
-from spheregen.train_cli import run_training
 
 
 def tiny_config(**kw) -> TokenizerConfig:
@@ -279,7 +274,7 @@ def test_latent_cache_errors(tmp_path, dataset_dir):
 # -- commands ----------------------------------------------------------------------------------------------
 def test_train_smoke_then_encode_command(tmp_path, capsys):
     """A few steps of the real tiny MNIST config through `spheregen train`'s run_training, then `spheregen encode`."""
-    from spheregen.data import build_mnist
+    from spheregen.data.builders import build_mnist
 
     build_mnist(tmp_path / "mnist28", size=28)
     config = load_toml("configs/tokenizer/mnist_tiny.toml",

@@ -7,10 +7,11 @@ import pytest
 import torch
 from toy import ToyConfig, ToyData, ToyModel
 
-from spheregen.checkpoint import load_model
+from spheregen.checkpoint import list_checkpoints
 from spheregen.config import to_dict
+from spheregen.engine.trainer import TrainConfig, Trainer, default_param_groups, lr_factor
 from spheregen.errors import UserError
-from spheregen.train import TrainConfig, Trainer, default_param_groups, list_checkpoints, lr_factor
+from spheregen.models import load_model
 
 
 def _trainer(run_dir, steps, **kw):

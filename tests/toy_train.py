@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import ToyConfig, ToyData, ToyModel  # noqa: E402
 
 import spheregen.checkpoint as ckpt  # noqa: E402
-from spheregen import dist  # noqa: E402
 from spheregen.config import to_dict  # noqa: E402
-from spheregen.train import TrainConfig, Trainer  # noqa: E402
+from spheregen.engine import dist  # noqa: E402
+from spheregen.engine.trainer import TrainConfig, Trainer  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("run_dir")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import CONFIG_FILE, write_dir_atomically
-from ..errors import UserError
+from spheregen.checkpoint import CONFIG_FILE, write_dir_atomically
+from spheregen.errors import UserError
 
 HUB_PREFIX = "hf:"
 # file suffix -> (converter kind, module with `convert_for_cache(source, out_dir, sibling) -> Path`)

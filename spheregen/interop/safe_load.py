@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from spheregen.errors import UserError
 
 NAMESPACE_ONLY: tuple[type, ...] = (argparse.Namespace,)
 

@@ -1,7 +1,7 @@
 """Convert the authors' SphereAR checkpoints (`vae.pt`, `SphereAR_{B,L,H}.pt`, Hub repo guolinke/SphereAR)
 into two spheregen checkpoint directories, `tokenizer/` and `ar/`.
 
-File layout (research/sphereAR_code.md Sec. 1): `torch.save` of a dict with `model` (the full state dict:
+File layout (the authors' train.py): `torch.save` of a dict with `model` (the full state dict:
 `vae.*` keys for the frozen S-VAE beside the AR and head keys), `ema` (same keys; the authors' sampler
 prefers it), `optimizer`, `epochs`, and a pickled `argparse.Namespace` under `args`; `vae.pt` holds only
 `vae.*` keys under `model`. A bare state dict is accepted too. Every size is read from the tensors and
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..ar import ARConfig, SphereAR
-from ..checkpoint import write_dir_atomically
-from ..errors import UserError
-from ..tokenizer import Tokenizer, TokenizerConfig
-from .safe_load import safe_load
+from spheregen.checkpoint import write_dir_atomically
+from spheregen.errors import UserError
+from spheregen.interop.safe_load import safe_load
+from spheregen.models.ar import ARConfig, SphereAR
+from spheregen.models.tokenizer import Tokenizer, TokenizerConfig
 
 AUTHORS_HEAD_DIM = 64
-# the published sizes (research/sphereAR_code.md Sec. 4): args.model -> (dim, layers)
+# the published sizes (the authors' model.py factories, paper Sec. 4.1): args.model -> (dim, layers)
 PUBLISHED = {"SphereAR-B": (768, 24), "SphereAR-L": (1024, 32), "SphereAR-H": (1280, 40)}
 TOKENIZER_DIR, AR_DIR = "tokenizer", "ar"
 
@@ -299,38 +299,3 @@ def convert_for_cache(source: Path, out_dir: Path, sibling) -> Path:
     return write_converted(out_dir, load_pair(source, sibling=sibling))
 
 
-# -- the command --------------------------------------------------------------------------------------
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import fetch
-
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it, or another --out")
-    ar_file, sibling, label = fetch(args.checkpoint)
-    vae_file = fetch(args.vae)[0] if args.vae else None
-    written = convert(ar_file, out, vae_file, args.weights, args.heads, label, sibling)
-    if written.name == TOKENIZER_DIR:
-        cfg = Tokenizer.from_pretrained(written).config
-        print(f"converted {label} (a VAE alone): {written} ({cfg.image_size} px, {cfg.latent_dim}-d tokens); "
-              f"encode a dataset with: spheregen encode --tokenizer {written} ...")
-        return 0
-    cfg = SphereAR.from_pretrained(written).config
-    print(f"converted {label} ({args.weights} weights): {out / TOKENIZER_DIR} and {written} "
-          f"(AR dim {cfg.dim} x {cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.num_classes} classes, "
-          f"{cfg.grid[0]}x{cfg.grid[1]} tokens); sample with: spheregen sample --ckpt {written} --out grid.png")
-    return 0
-
-
-def add_convert_command(sub) -> None:
-    p = sub.add_parser("sphere-ar", help="SphereAR_{B,L,H}.pt (+ vae.pt) -> DIR/tokenizer and DIR/ar; "
-                                         "vae.pt alone -> DIR/tokenizer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="the authors' AR file: a path or hf:guolinke/SphereAR/SphereAR_B.pt")
-    p.add_argument("--vae", help="the authors' vae.pt (path or hf:); default: the AR file's own vae.* keys, "
-                                 "else a vae.pt beside it")
-    p.add_argument("--out", required=True, help="output directory (gets tokenizer/ and ar/)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema",
-                   help="which AR weights to take (ema, as the authors' sampler, when the file has it)")
-    p.add_argument("--heads", type=int, help="AR attention heads (default: dim / 64, the authors' head width)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=_cmd_convert)

@@ -19,7 +19,6 @@ The file is read with `safe_load` only (torch.load weights_only=True; no extra c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,14 +27,14 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
-from ..layers import grid_positions, rope_angles
-from ..sphere_encoder import SphereEncoder, SphereEncoderConfig
-from ..sphere_encoder_nets import pos_table
-from .safe_load import safe_load
+from spheregen.errors import UserError
+from spheregen.interop.safe_load import safe_load
+from spheregen.layers import grid_positions, rope_angles
+from spheregen.models.sphere_encoder import SphereEncoder
+from spheregen.models.sphere_encoder_nets import SphereEncoderConfig, pos_table
 
-# The authors' ViT sizes, (width, layers, heads) per `vit_*_model_size` name (paper Sec. 3 / research notes:
-# S (512, 8, 8), B (768, 12, 12), L (1024, 24, 16), XL (1152, 28, 16)). Other names: --size NAME=W,L,H or
+# The authors' ViT sizes, (width, layers, heads) per `vit_*_model_size` name (paper Sec. 3 and the authors'
+# size table: S (512, 8, 8), B (768, 12, 12), L (1024, 24, 16), XL (1152, 28, 16)). Other names: --size NAME=W,L,H or
 # $SPHEREGEN_SPHERE_ENCODER_SIZES="NAME=W,L,H;...". The head count cannot be read from the weights.
 SIZE_TABLE: dict[str, tuple[int, int, int]] = {
     "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16), "xlarge": (1152, 28, 16),
@@ -284,46 +283,3 @@ def convert_for_cache(source: Path, out_dir: Path, sibling: Callable[[str], Path
     return target
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import fetch, is_hub_path
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite or another --out")
-    text = str(args.source)
-    if not is_hub_path(text) and Path(text).is_dir():
-        pth, cfg = experiment_files(Path(text))
-        label = str(pth)
-    else:
-        pth, sibling, label = fetch(text)
-        if not pth.is_file():
-            raise UserError(f"checkpoint file {pth} does not exist; check the path")
-        cfg = None if args.config else find_cfg(sibling)
-    cfg = Path(args.config) if args.config else cfg
-    if cfg is None:
-        raise UserError(f"{args.source} has no cfg.json; pass --config cfg.json")
-    model = convert_file(pth, cfg, args.weights, args.size)
-    model.save_pretrained(out, extra={"converted_from": label, "weights": args.weights})
-    c = model.config
-    kind = f"{c.num_classes} classes" if c.num_classes else "unconditional"
-    print(f"wrote {out}: Sphere Encoder {c.image_size} px, width {c.width}, {c.depth} blocks, {c.heads} heads, "
-          f"latent {c.n_tokens}x{c.latent_dim}, {c.head} head, {kind}, {args.weights} weights of {label} "
-          f"(cfg {cfg}); sample with: spheregen sample --ckpt {out}")
-    return 0
-
-
-def add_convert_command(sub) -> None:
-    """Register `spheregen convert sphere-encoder`."""
-    p = sub.add_parser("sphere-encoder", help="the Sphere Encoder authors' experiment folder or .pth",
-                       description="Convert the Sphere Encoder authors' checkpoint (an experiment folder "
-                                   "<job>/{cfg.json, ckpt/*.pth}, a .pth file or hf:OWNER/REPO/FILE.pth) into a "
-                                   "spheregen checkpoint directory for `spheregen sample` and `spheregen edit`.")
-    p.add_argument("source", metavar="EXPERIMENT_DIR_OR_CKPT", help="experiment folder, .pth file or hf: path")
-    p.add_argument("--config", help="the authors' cfg.json (default: beside the ckpt/ folder)")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="model",
-                   help="'model' (default; the authors' samplers use it) or 'ema' (ema_model)")
-    p.add_argument("--size", action="append", default=[], metavar="NAME=WIDTH,LAYERS,HEADS",
-                   help=f"a model size outside the authors' table ({', '.join(SIZE_TABLE)}); repeatable")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=_cmd_convert)

@@ -1,14 +1,14 @@
 """Token-level flow head (SphereAR Sec. 3.2, after MAR): an MLP with AdaLN that predicts the velocity of a
 rectified flow from noise (t = 0) to the next latent token (t = 1), conditioned on the transformer output.
 
-Network (research/sphereAR_code.md Sec. 3 "Diffusion head"):
+Network (the authors' MLP-AdaLN head, paper Sec. 3.3):
   x -> Linear(d, C);  y = SiLU(t_emb + c_emb), with t_emb = MLP(sinusoid(1000 t)) and c_emb = Linear(h)
   ResBlock: h = LayerNorm(x) (1 + scale) + shift;  x += gate * SwiGLU(h)
   the (scale, shift, gate) come from `n_adaln` shared Linear(C, 3C) layers applied to y, each serving
   depth / n_adaln consecutive blocks; the final layer is LayerNorm -> modulate -> Linear(C, d), zero-init.
 Loss (Eq. 7-8): x_t = (1 - t) eps + t x1,  v = x1 - eps,  t = sigmoid(N(0, 1)),  L = E ||v - v_w(x_t, t, h)||^2.
 Samplers integrate dx/dt = v from t = 0 to 1: `euler` (Eq. 9), `heun`, and `euler_maruyama` (the
-reference code's SDE).
+authors' SDE sampler).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .layers import SwiGLU
+from spheregen.layers import SwiGLU
 
 SAMPLERS = ("euler", "euler_maruyama", "heun")
 EM_LAST_STEP = 0.04  # the Euler-Maruyama sampler ends with one deterministic Euler step of this size

@@ -18,19 +18,18 @@ R = sqrt(d). Losses: L1/L2 reconstruction + kl_weight KL + perceptual + hinge Pa
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import PretrainedMixin, load_model, register_model
-from .errors import UserError
-from .layers import Block, RMSNorm, grid_positions, rope_angles
-from .losses import HingeGAN, build_perceptual, say_once
-from .sphere import PowerSpherical, project
+from spheregen.checkpoint import PretrainedMixin, register_model
+from spheregen.errors import UserError
+from spheregen.layers import Block, RMSNorm, grid_positions, rope_angles
+from spheregen.losses import HingeGAN, build_perceptual
+from spheregen.sphere import PowerSpherical, project
+from spheregen.sphere import project as project_to_sphere
 
 POSTERIORS = ("spherical", "gaussian", "sigma", "gaussian_norm")
 
@@ -134,11 +133,13 @@ def sample_posterior(posterior: str, params: dict[str, torch.Tensor], radius: fl
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """One reparameterised draw z [B, T, d] from the posterior parameters (torch's global RNG by default)."""
     if posterior == "spherical":
+        # on the sphere by construction: a unit sample u ~ PowerSpherical(mu, kappa), scaled to radius R (Eq. 3)
         return radius * PowerSpherical(params["mu"], params["kappa"]).rsample(generator=generator)
     mean = params["mean"]
     eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
     if posterior in ("gaussian", "gaussian_norm"):
         z = mean + params["std"] * eps
+        # gaussian_norm: the Gaussian sample projected to radius R (the N-x arm, paper Sec. 3.1, App. B)
         return project(z, radius) if posterior == "gaussian_norm" else z
     if posterior == "sigma":
         n = torch.randn(mean.shape[0], 1, 1, device=mean.device, dtype=mean.dtype, generator=generator)
@@ -150,6 +151,7 @@ def posterior_mode(posterior: str, params: dict[str, torch.Tensor], radius: floa
     """The deterministic latent: R mu (spherical), mean (gaussian, sigma), N_R(mean) (gaussian_norm)."""
     if posterior == "spherical":
         return radius * params["mu"]
+    # gaussian_norm's mode: the mean projected to radius R
     return project(params["mean"], radius) if posterior == "gaussian_norm" else params["mean"]
 
 
@@ -216,7 +218,7 @@ class Tokenizer(PretrainedMixin, nn.Module):
 
     def _init_weights(self) -> None:
         """Linear ~ N(0, 0.02), zero bias; registers ~ N(0, 0.02); the three latent-facing linears keep
-        PyTorch's default init; convs keep theirs (research notes Sec. 2). Optional kappa_init (not in the
+        PyTorch's default init; convs keep theirs (as the authors' code). Optional kappa_init (not in the
         reference): short runs start with concentrated posteriors, since Adam grows kappa only ~lr per step."""
         keep = {self.quant_proj, self.post_quant_proj, self.enc_out}
         for m in self.modules():
@@ -254,6 +256,7 @@ class Tokenizer(PretrainedMixin, nn.Module):
         out = self.quant_proj(h).float()
         d = cfg.latent_dim
         if cfg.posterior == "spherical":
+            # the posterior's mean direction: the encoder output normalised to the unit sphere (Eq. 3)
             return {"mu": project(out[..., :d], 1.0), "kappa": F.softplus(out[..., d]) + 1.0}
         if cfg.posterior == "sigma":
             return {"mean": out}
@@ -270,9 +273,13 @@ class Tokenizer(PretrainedMixin, nn.Module):
     def kl(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return kl_term(self.config.posterior, params)
 
-    def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, clamp: bool = True, project: bool | None = None) -> torch.Tensor:
         """z [B, T, d] (T = h*w of the tokenizer's grid, or a square number) -> x [B, C, H, W] in [-1, 1].
-        For spherical / gaussian_norm, z is projected to radius R first (a no-op on sphere latents)."""
+
+        project: N_R(z) first. None: for the posteriors whose latents live on the sphere (spherical,
+        gaussian_norm), renormalising the tokenizer's own latents in fp32 (a no-op up to rounding); callers
+        with latents of their own say what they want (the AR passes its project_outputs, so its no-projection
+        ablation reaches the decoder off the sphere)."""
         B, T, d = z.shape
         if d != self.config.latent_dim:
             raise UserError(f"latents have dimension {d}, the tokenizer expects {self.config.latent_dim}")
@@ -282,8 +289,9 @@ class Tokenizer(PretrainedMixin, nn.Module):
             if side * side != T:
                 raise UserError(f"cannot decode {T} tokens: not the tokenizer grid {grid} and not a square")
             grid = (side, side)
-        if self.on_sphere:
-            z = project(z, self.radius)
+        if self.on_sphere if project is None else project:
+            # N_R before decoding: the tokenizer's own latents (renormalised) or a caller's explicit request
+            z = project_to_sphere(z, self.radius)
         dtype = self.post_quant_proj.weight.dtype
         h = self.dec_conv(_image(self.post_quant_proj(z.to(dtype)), grid))
         h = _image(self.decoder(_tokens(h), grid), grid)
@@ -340,111 +348,3 @@ class Tokenizer(PretrainedMixin, nn.Module):
         return loss, terms, {"real": x, "fake": x_hat.detach()}
 
 
-def load_tokenizer(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> Tokenizer:
-    """A Tokenizer in eval mode from a checkpoint dir, a save_pretrained dir, or a run dir (newest checkpoint)."""
-    from .train import list_checkpoints
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        ckpts = list_checkpoints(path)
-        if not ckpts:
-            raise UserError(f"{path} is neither a tokenizer checkpoint nor a run directory with checkpoints; "
-                            "train one with `spheregen train tokenizer --config ...`")
-        path = ckpts[-1]
-    model = load_model(path, use_ema=use_ema, expect="tokenizer")
-    model.source_path = str(path)
-    return model.to(device).eval()
-
-
-# -- training entry point, evaluation, commands -------------------------------------------------------
-def training_setup(config: dict, args) -> tuple[Tokenizer, object, object]:
-    """For `spheregen train tokenizer`: model, the train split of [data] path, and the eval_fn."""
-    from .config import from_dict
-    from .data import ImageDataset
-
-    cfg = from_dict(TokenizerConfig, config.get("model", {}), "model.")
-    data = config.get("data", {})
-    if not data.get("path"):
-        raise UserError("no dataset: set data.path in the config or pass --data DIR")
-    fraction = float(data.get("test_fraction", 0.1))
-    train_set = ImageDataset(data["path"], split="train", test_fraction=fraction)
-    if (train_set.image_size, train_set.channels) != (cfg.image_size, cfg.in_channels):
-        raise UserError(f"{data['path']} holds {train_set.image_size}px images with {train_set.channels} channels, "
-                        f"but the config wants {cfg.image_size}px with {cfg.in_channels}; fix model.image_size / "
-                        "model.in_channels or --data")
-    model = Tokenizer(cfg)
-    model.perceptual_module()  # say at start-up whether the perceptual term is on
-    eval_fn = make_eval_fn(data["path"], fraction, int(data.get("eval_images", 512)))
-    return model, train_set, eval_fn
-
-
-def save_image_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 1) -> None:
-    """Write rows of [-1, 1] images [n, C, H, W] (same n per row) as one PNG, `scale`x nearest upsampling."""
-    from PIL import Image
-
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # [C, rows*H, n*W]
-    arr = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    img.save(path)
-
-
-@torch.no_grad()
-def evaluate_reconstruction(model: Tokenizer, dataset, max_images: int = 512, batch_size: int = 128,
-                            grid_path: str | Path | None = None, grid_n: int = 16) -> dict[str, float]:
-    """Mean per-image PSNR (dB, pixels in [0, 1]) and SSIM of posterior-mode reconstructions of up to
-    `max_images` images spread evenly over `dataset`; optionally a PNG of `grid_n` of them (also spread
-    evenly, so sorted datasets show every class), originals above reconstructions below."""
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-    model.eval()
-    device = next(model.parameters()).device
-    n = min(len(dataset), max_images)
-    chosen = torch.linspace(0, len(dataset) - 1, n).round().long()
-    psnrs, ssims, originals, recons = [], [], [], []
-    show = set(torch.linspace(0, n - 1, min(grid_n, n)).round().long().tolist())
-    for start in range(0, n, batch_size):
-        x, _ = dataset.get_batch(chosen[start:start + batch_size])
-        x = x.to(device)
-        x_hat = model.reconstruct(x).float()
-        a, b = (x.float() + 1) / 2, (x_hat + 1) / 2
-        mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        psnrs.append(-10 * torch.log10(mse))
-        ssims.append(ssim(b, a, data_range=1.0, reduction="none"))
-        keep = [i - start for i in range(start, start + len(x)) if i in show]
-        originals.append(x[keep].cpu())
-        recons.append(x_hat[keep].cpu())
-    if grid_path is not None and n:
-        save_image_grid([torch.cat(originals), torch.cat(recons)], grid_path,
-                        scale=max(1, 64 // model.config.image_size))
-    return {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item()}
-
-
-def make_eval_fn(data_path: str | Path, test_fraction: float = 0.1, max_images: int = 512):
-    """eval_fn(model, step, out_dir) for the Trainer: held-out PSNR / SSIM and recon_step_XXXXXXXX.png."""
-    from .data import ImageDataset
-
-    test_set = ImageDataset(data_path, split="test", test_fraction=test_fraction)
-    if len(test_set) == 0:
-        say_once(f"{data_path}: no held-out images (data.test_fraction = {test_fraction}); no reconstruction eval")
-        return None
-
-    start = time.perf_counter()
-
-    def eval_fn(model: Tokenizer, step: int, out_dir: Path) -> dict[str, float]:
-        grid_path = Path(out_dir) / f"recon_step_{step:08d}.png"
-        result = evaluate_reconstruction(model, test_set, max_images, grid_path=grid_path)
-        result["wall_s"] = time.perf_counter() - start  # since set-up, evals included
-        print(f"eval step {step}: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
-              f"({min(len(test_set), max_images)} held-out images, {result['wall_s']:.0f} s)", flush=True)
-        return result
-
-    return eval_fn
-
-
-def add_commands(sub) -> None:
-    """Register `spheregen encode`."""
-    from .latents import add_encode_command
-
-    add_encode_command(sub)

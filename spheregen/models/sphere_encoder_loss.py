@@ -1,4 +1,4 @@
-"""Sphere Encoder training: noise levels and the losses of Eq. 7-10 (see spheregen.sphere_encoder).
+"""Sphere Encoder training: noise levels and the losses of Eq. 7-10 (see spheregen.models.sphere_encoder).
 
 Functions of the model (`model.training_loss(batch)` etc. delegate here):
 

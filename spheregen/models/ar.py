@@ -1,5 +1,5 @@
 """SphereAR: a causal transformer over hyperspherical latent tokens with a token-level flow head
-(SphereAR Sec. 3.2-3.3, Sec. 4.1; research/sphereAR_code.md Sec. 3-4).
+(SphereAR Sec. 3.2-3.3, Sec. 4.1, App. D).
 
 Sequence (teacher forcing): [c_1..c_K ; z_0 .. z_{T-2}] with K class tokens (a null class for CFG and
 unconditional models), latents through `proj_in`, the whole sequence through an RMSNorm, pre-norm
@@ -14,26 +14,47 @@ the solved token is projected to radius R and fed back to both rows.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import PretrainedMixin, register_model
-from .config import from_dict
-from .errors import UserError
-from .flow_head import SAMPLERS, FlowHead, guided_velocity, noise_draws, solve
-from .layers import Block, KVCache, RMSNorm, grid_positions, rope_angles, swiglu_hidden
-from .sphere import project
+from spheregen.checkpoint import PretrainedMixin, register_model
+from spheregen.config import from_dict
+from spheregen.errors import UserError, check_choice, check_class_ids
+from spheregen.layers import Block, KVCache, RMSNorm, grid_positions, rope_angles, swiglu_hidden
+from spheregen.models.flow_head import SAMPLERS, FlowHead, guided_velocity, noise_draws, solve
+from spheregen.sphere import project
 
 CFG_SCHEDULES = ("constant", "linear")
 FIRST_TOKEN_MODES = ("shared", "independent")
-# The options dict of `generate_images` (shared with the Sphere Encoder's method of the same name).
-DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "linear", "sampler": "euler_maruyama", "steps": 100,
-                    "temperature": 1.0, "progress": False, "first_token": None}
+
+
+@dataclass(frozen=True)
+class ARSampling:
+    """How SphereAR samples (Sec. 3.2, Eq. 9; the authors' sampler: Euler-Maruyama, 100 head steps, linear CFG).
+
+    cfg: guidance scale s (1 = none); cfg_schedule: s_k = s ("constant") or 1 + (s - 1) k / T ("linear");
+    sampler / steps: the flow-head solver and its steps per token; temperature scales the initial and SDE noise;
+    first_token: "shared" or "independent" for tokens with s_k = 1 (None: the checkpoint's config.first_token).
+    """
+
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    sampler: str = "euler_maruyama"
+    steps: int = 100
+    temperature: float = 1.0
+    first_token: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("cfg_schedule", self.cfg_schedule, CFG_SCHEDULES)
+        if self.first_token is not None:
+            check_choice("first_token", self.first_token, FIRST_TOKEN_MODES)
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, got {self.steps}")
 
 
 @dataclass
@@ -117,7 +138,7 @@ class SphereAR(PretrainedMixin, nn.Module):
         return self.config.num_classes
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay for < 2-D params, proj_in and the class embedding (research Sec. 4)."""
+        """AdamW groups: no decay for < 2-D params, proj_in and the class embedding (as the authors)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -131,6 +152,7 @@ class SphereAR(PretrainedMixin, nn.Module):
 
     def _latent_tokens(self, z: torch.Tensor) -> torch.Tensor:
         if self.config.project_inputs:
+            # every AR input on the radius-R sphere (SphereAR Sec. 3.2); off only for the ablation
             z = project(z, self.config.radius)
         return self.proj_in(z.to(self.proj_in.weight.dtype))
 
@@ -170,9 +192,7 @@ class SphereAR(PretrainedMixin, nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if len(labels) != n:
             raise UserError(f"{len(labels)} labels for {n} seeds; pass one class per sample")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if len(bad):
-            raise UserError(f"class id {int(bad[0])} is out of range; this model has classes 0..{self.num_classes - 1}")
+        check_class_ids(labels.tolist(), self.num_classes)
         return labels.to(device)
 
     @torch.no_grad()
@@ -224,14 +244,7 @@ class SphereAR(PretrainedMixin, nn.Module):
         return torch.stack(tokens, dim=1)
 
     def _check_sampling(self, sampler: str, steps: int, cfg_schedule: str, first_token: str) -> bool:
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise UserError(f"unknown CFG schedule {cfg_schedule!r}; choose constant or linear")
-        if steps < 1:
-            raise UserError(f"steps must be >= 1, got {steps}")
-        if first_token not in FIRST_TOKEN_MODES:
-            raise UserError(f"first_token must be one of {', '.join(FIRST_TOKEN_MODES)}, got {first_token!r}")
+        ARSampling(sampler=sampler, steps=steps, cfg_schedule=cfg_schedule, first_token=first_token)
         return first_token == "independent"
 
     def solve_token(self, h: torch.Tensor, noise: torch.Tensor, scale: float | None, sampler: str = "euler_maruyama",
@@ -254,95 +267,27 @@ class SphereAR(PretrainedMixin, nn.Module):
         object.__setattr__(self, "_decoder", decoder)
 
     @torch.no_grad()
-    def generate_images(self, labels, seeds: list[int], options: dict | None = None) -> torch.Tensor:
+    def generate_images(self, labels, seeds: list[int], options: ARSampling | dict | None = None) -> torch.Tensor:
         """Images [B, C, H, W] in [-1, 1] for class `labels` [B] (ignored when unconditional); sample k is a
-        function of seeds[k] alone. options (missing keys take DEFAULT_SAMPLING): cfg (1.0 = no guidance),
-        cfg_schedule, sampler, steps, temperature, progress, first_token (None: the config's); other keys are
-        ignored."""
+        function of seeds[k] alone. options: ARSampling, or a dict of its fields (an unknown key is an error)."""
         if self._decoder is None:
             raise UserError("no tokenizer attached to decode the AR samples; pass --tokenizer CKPT")
-        opts = {**DEFAULT_SAMPLING, **(options or {})}
-        cfg = float(opts["cfg"])
-        tokens = self.generate(labels, seeds, sampler=opts["sampler"], steps=int(opts["steps"]),
-                               cfg=None if cfg == 1.0 else cfg, cfg_schedule=opts["cfg_schedule"],
-                               temperature=float(opts["temperature"]), progress=bool(opts["progress"]),
-                               first_token=opts["first_token"])
+        opts = self.sampling_options(options)
+        tokens = self.generate(labels, seeds, sampler=opts.sampler, steps=opts.steps,
+                               cfg=None if opts.cfg == 1.0 else opts.cfg, cfg_schedule=opts.cfg_schedule,
+                               temperature=opts.temperature, progress=opts.progress, first_token=opts.first_token)
         dec_device = next(self._decoder.parameters()).device if hasattr(self._decoder, "parameters") else None
-        images = self._decoder.decode(tokens.to(dec_device) if dec_device is not None else tokens)
+        tokens = tokens.to(dec_device) if dec_device is not None else tokens
+        # the decoder renormalises the (already projected) tokens unless the ablation turned projection off
+        images = self._decoder.decode(tokens, project=self.config.project_outputs)
         return images.float().clamp(-1, 1)
 
-
-# -- training setup (`spheregen train ar`) ------------------------------------------------------------
-def _fill_from_latents(cfg: ARConfig, source, tokenizer_path: str | None) -> ARConfig:
-    """Take token_dim, grid, radius and num_classes from the latent source; a value set in the TOML must agree."""
-    found = {"token_dim": int(source.latent_dim), "grid": tuple(int(g) for g in source.grid),
-             "radius": float(source.radius), "num_classes": int(source.num_classes)}
-    for key, value in found.items():
-        given = getattr(cfg, key)
-        unset = given is None
-        if key == "num_classes" and given == 0:
-            continue  # an unconditional model may be trained on labelled latents
-        if not unset and (abs(given - value) > 1e-6 if key == "radius" else given != value):
-            raise UserError(f"model.{key} = {given} in the config, but the latents have {value}; "
-                            f"remove it from [model] or use matching latents")
-        setattr(cfg, key, value)
-    if tokenizer_path:
-        cfg.tokenizer = str(Path(tokenizer_path).resolve())
-    return cfg
-
-
-def _make_eval_fn(eval_cfg: dict):
-    """eval_fn(model, step, out_dir): a grid of samples (one row per class, up to 10 classes) as a PNG."""
-
-    def eval_fn(model: SphereAR, step: int, out_dir: Path) -> dict:
-        from .sample_cli import load_tokenizer, save_grid
-
-        if not model.config.tokenizer or not Path(model.config.tokenizer).is_dir():
-            return {}
-        if model._decoder is None:
-            model.attach_decoder(load_tokenizer(model.config.tokenizer))
-        n_cls = min(max(model.num_classes, 1), 10)
-        per = int(eval_cfg.get("per_class", 8))
-        labels = torch.arange(n_cls).repeat_interleave(per)
-        opts = {**DEFAULT_SAMPLING, "cfg": 3.0, "steps": 25, **{k: v for k, v in eval_cfg.items() if k != "per_class"}}
-        t0 = time.perf_counter()
-        images = model.generate_images(labels, list(range(len(labels))), opts)
-        save_grid(images, n_cls, out_dir / f"samples_step{step:08d}.png")
-        return {"eval_sample_s": time.perf_counter() - t0}
-
-    return eval_fn
-
-
-def training_setup(config: dict, args) -> tuple[SphereAR, object, object]:
-    """`spheregen train ar --config configs/ar/NAME.toml --tokenizer CKPT [--latents CACHE | --no-cache]`.
-
-    With a latent cache each step draws a fresh posterior sample from the cached (mu, kappa); --no-cache
-    runs the tokenizer's encoder on the images of data.path every step instead (for comparison).
-    """
-    from . import latents as latents_mod
-
-    data = config.get("data", {})
-    tokenizer_path = getattr(args, "tokenizer", None) or data.get("tokenizer")
-    latents_path = getattr(args, "latents", None) or data.get("latents")
-    if getattr(args, "no_cache", False):
-        if not tokenizer_path:
-            raise UserError("--no-cache encodes images on the fly and needs --tokenizer CKPT")
-        if not data.get("path"):
-            raise UserError("--no-cache needs the image dataset: pass --data DIR or set data.path")
-        from .data import ImageDataset
-        from .sample_cli import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_path)
-        images = ImageDataset(data["path"], split=data.get("split", "train"))
-        source = latents_mod.OnTheFlyLatents(tokenizer, images)
-    else:
-        if not latents_path:
-            raise UserError("train ar needs --latents CACHE (a latent cache from the tokenizer), "
-                            "or --no-cache with --tokenizer CKPT")
-        source = latents_mod.LatentCache(latents_path)
-        tokenizer_path = tokenizer_path or getattr(source, "tokenizer_path", None)
-    model_cfg = _fill_from_latents(from_dict(ARConfig, config.get("model", {}), "model."), source, tokenizer_path)
-    return SphereAR(model_cfg), source, _make_eval_fn(config.get("eval", {}))
+    @staticmethod
+    def sampling_options(options: ARSampling | dict | None = None) -> ARSampling:
+        """ARSampling from itself, a dict of its fields, or None (the defaults)."""
+        if isinstance(options, ARSampling):
+            return options
+        return from_dict(ARSampling, dict(options or {}), "")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

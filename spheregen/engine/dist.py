@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from spheregen.layers import Block
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -101,8 +103,6 @@ def shard_model(model: torch.nn.Module, methods: tuple[str, ...] = ("training_lo
     """FSDP2: shard every transformer block, then the root; `methods` run with the FSDP hooks like forward.
     Gradients are then reduce-scattered (averaged) by FSDP itself, so `average_gradients` is skipped."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    from .layers import Block
 
     for m in model.modules():
         if isinstance(m, Block):

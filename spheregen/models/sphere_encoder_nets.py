@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, MLPMixer, RMSNorm, grid_positions, modulate, rope_angles, sincos_pos_embed_2d, swiglu_hidden
+from spheregen.layers import (
+    Block,
+    MLPMixer,
+    RMSNorm,
+    grid_positions,
+    modulate,
+    rope_angles,
+    sincos_pos_embed_2d,
+    swiglu_hidden,
+)
 
 
 @dataclass
@@ -43,7 +52,7 @@ class SphereEncoderConfig:
     rope_theta: float = 10000.0
     head: str = "linear"  # decoder output head: "linear" | "conv" (the CIFAR script's head)
     conv_head_channels: int = 32
-    stem_init_std: float = 1.0  # std of the decoder stem's Linears (the reference code uses N(0, 1))
+    stem_init_std: float = 1.0  # std of the decoder stem's Linears (the authors' code uses N(0, 1))
     # the authors' code choices (the paper configs select them; the defaults keep spheregen's own checkpoints)
     attn_proj_bias: bool = False  # a bias on the attention output projection (the authors: yes)
     uncond_head_norm: bool = True  # unconditional models: RMSNorm before the output Linears (the authors: none)

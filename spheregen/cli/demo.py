@@ -12,13 +12,15 @@ import argparse
 import time
 from pathlib import Path
 
-from .errors import UserError
+from spheregen.checkpoint import list_checkpoints
+from spheregen.cli import main
+from spheregen.config import load_config
+from spheregen.data.datasets import ImageDataset
+from spheregen.errors import UserError
 
 
 def run_spheregen(*argv: str) -> None:
     """Run one `spheregen` command in this process, echoing it; a failure raises UserError."""
-    from .cli import main
-
     print("$ spheregen " + " ".join(argv), flush=True)
     if main(list(argv)) != 0:
         raise UserError(f"demo step failed: spheregen {' '.join(argv)}")
@@ -27,14 +29,10 @@ def run_spheregen(*argv: str) -> None:
 def train_or_resume(kind: str, config: str, data: str, out: Path, steps: int | None, *extra: str) -> Path:
     """`spheregen train KIND` into `out`: skipped when its last checkpoint reached the target steps, resumed
     when it holds earlier checkpoints. Returns the last checkpoint."""
-    from .train import list_checkpoints
-
     ckpts = list_checkpoints(out)
     target = steps
     if target is None:
-        from .config import load_toml
-
-        target = load_toml(config).get("train", {}).get("steps")
+        target = load_config(kind, config).get("train", {}).get("steps")
     if ckpts and int(ckpts[-1].name.split("_")[1]) >= (target or 0):
         print(f"{kind}: using the finished run in {out}")
         return ckpts[-1]
@@ -48,17 +46,17 @@ def train_or_resume(kind: str, config: str, data: str, out: Path, steps: int | N
 
 
 def demo_sphere_ar(data: str, out: Path, tokenizer_steps: int | None, ar_steps: int | None, cfg: float) -> Path:
-    tok = train_or_resume("tokenizer", "configs/tokenizer/mnist_tiny.toml", data, out / "tokenizer", tokenizer_steps)
+    tok = train_or_resume("tokenizer", "mnist_tiny", data, out / "tokenizer", tokenizer_steps)
     latents = out / "latents"
     run_spheregen("encode", "--tokenizer", str(tok), "--data", data, "--split", "train", "--out", str(latents))
-    ar = train_or_resume("ar", "configs/ar/mnist_tiny.toml", data, out / "ar", ar_steps, "--latents", str(latents))
+    ar = train_or_resume("ar", "mnist_tiny", data, out / "ar", ar_steps, "--latents", str(latents))
     grid = out / f"sphere_ar_samples_cfg{cfg:g}.png"
     run_spheregen("sample", "--ckpt", str(ar), "--n", "8", "--cfg", str(cfg), "--steps", "25", "--out", str(grid))
     return grid
 
 
 def demo_sphere_encoder(data: str, out: Path, steps: int | None) -> list[Path]:
-    ckpt = train_or_resume("sphere", "configs/sphere/mnist_tiny.toml", data, out / "sphere_encoder", steps)
+    ckpt = train_or_resume("sphere", "mnist_tiny", data, out / "sphere_encoder", steps)
     grids = []
     for t in (1, 4):
         grid = out / f"sphere_encoder_samples_{t}step.png"
@@ -72,8 +70,6 @@ def demo_sphere_encoder(data: str, out: Path, steps: int | None) -> list[Path]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .data import ImageDataset
-
     ds = ImageDataset(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +87,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="train the tiny MNIST pipeline end to end and write sample grids")
+def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=["sphere_ar", "sphere"], default="sphere_ar",
                    help="SphereAR (tokenizer + AR, default) or the Sphere Encoder")
     p.add_argument("--data", default="data/mnist28", help="dataset directory (built by `spheregen data`)")

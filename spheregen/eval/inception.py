@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .errors import UserError
+from spheregen.errors import UserError
+from spheregen.images import from_uint8
+from spheregen.runtime import default_device
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -164,22 +166,14 @@ def default_inception_path_or_none() -> str | None:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None or 'auto' -> cuda when available, else cpu; anything else is checked."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    return dev
+    """None or 'auto' -> cuda when available, else cpu; anything else is checked (spheregen.runtime)."""
+    return default_device(device)
 
 
 def to_float_images(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 N x H x W x C arrays (file boundary) -> float [-1, 1] NCHW; float tensors pass through."""
     if isinstance(batch, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return from_uint8(batch)
     return batch.float()
 
 

@@ -1,9 +1,9 @@
-"""`spheregen train KIND --config FILE`: one command for every trainer.
+"""`spheregen train KIND --config NAME|FILE`: one command for every trainer.
 
-A model module joins by defining
+A model joins with a setup module in spheregen.engine defining
     training_setup(config: dict, args) -> (model, dataset, eval_fn | None)
-where `config` is the parsed TOML ([model], [train], [data] tables, overrides applied) and `args` the
-parsed command line (for extras such as --tokenizer). The loop itself is `spheregen.train.Trainer`.
+where `config` is the parsed TOML ([model], [train], [data] tables, overrides applied) and `args` the parsed
+command line (for extras such as --tokenizer). The loop itself is `spheregen.engine.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -12,24 +12,23 @@ import argparse
 import importlib
 from pathlib import Path
 
-from . import dist
-from .config import from_dict, load_toml, to_dict
-from .errors import UserError
-from .train import TrainConfig, Trainer
+from spheregen.cli import add_device_option
+from spheregen.config import CONFIG_KINDS, from_dict, load_config, to_dict
+from spheregen.engine import dist
+from spheregen.engine.trainer import TrainConfig, Trainer
+from spheregen.errors import UserError
+from spheregen.generation import resolve_checkpoint
 
-KINDS = {"tokenizer": "spheregen.tokenizer", "ar": "spheregen.ar", "sphere": "spheregen.sphere_encoder"}
+SETUPS = {"tokenizer": "spheregen.engine.tokenizer_setup", "ar": "spheregen.engine.ar_setup",
+          "sphere": "spheregen.engine.sphere_encoder_setup"}
 
 
 def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
     """Build the model/dataset for `kind`, then train (resuming if asked); returns the final scalars."""
-    try:
-        module = importlib.import_module(KINDS[kind])
-    except ModuleNotFoundError as e:
-        raise UserError(f"the {kind} trainer is not available in this build ({e.name} is missing)") from None
     train_cfg = from_dict(TrainConfig, config.get("train", {}), "train.")
     if getattr(args, "steps", None):
         train_cfg.steps = args.steps
-    model, dataset, eval_fn = module.training_setup(config, args)
+    model, dataset, eval_fn = importlib.import_module(SETUPS[kind]).training_setup(config, args)
     config_dict = {"model": to_dict(model.config), "data": config.get("data", {}), "kind": kind}
     run_dir = Path(args.out)
     trainer = Trainer(model, dataset, train_cfg, run_dir, config_dict=config_dict, eval_fn=eval_fn,
@@ -50,12 +49,10 @@ def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = load_toml(args.config, args.set)
+    config = load_config(CONFIG_KINDS[args.kind], args.config, args.set)
     if args.data:
         config.setdefault("data", {})["path"] = args.data
     if args.tokenizer:  # a run/checkpoint directory, or the authors' vae.pt (local or hf:) converted once
-        from .interop.hub import resolve_checkpoint
-
         args.tokenizer = str(resolve_checkpoint(args.tokenizer))
     if args.out is None:
         args.out = str(Path("runs") / f"{args.kind}-{Path(args.config).stem}")
@@ -63,19 +60,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("train", help="train a tokenizer, AR model or Sphere Encoder from a TOML config")
-    p.add_argument("kind", choices=sorted(KINDS), help="what to train")
-    p.add_argument("--config", required=True, help="TOML file with [model], [train] and [data] tables")
+def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", choices=sorted(SETUPS), help="what to train")
+    p.add_argument("--config", required=True, help="a shipped config by name (e.g. mnist_tiny; `spheregen config "
+                                                   "list`) or a TOML file with [model], [train] and [data] tables")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--data", help="dataset directory (overrides data.path)")
-    p.add_argument("--out", help="run directory (default runs/KIND-CONFIG)")
+    p.add_argument("--out", help="run directory (default: runs/KIND-CONFIG)")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint directory, or the authors' vae.pt, a path or hf: (for "
-                                       "`train ar`)")
+    add_device_option(p)
+    p.add_argument("--tokenizer", help="tokenizer checkpoint directory, or the authors' vae.pt, a path or hf: "
+                                       "(for `train ar`)")
     p.add_argument("--latents", help="latent cache from `spheregen encode` (for `train ar`)")
     p.add_argument("--no-cache", action="store_true", help="encode images on the fly instead of using --latents")
     p.set_defaults(func=_cmd_train)

@@ -19,17 +19,15 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UserError
-
-if TYPE_CHECKING:
-    from .data import ImageDataset
+from spheregen.data.datasets import ImageDataset
+from spheregen.errors import UserError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -118,8 +116,6 @@ def train_classifier(dataset_dir: str | Path, epochs: int = 12, batch_size: int 
                      width: int = 16, device: str | torch.device = "cpu", seed: int = 0,
                      verbose: bool = True) -> tuple[SmallCNN, dict]:
     """Train on the dataset's train split; returns the model and its config (with test accuracy)."""
-    from .data import ImageDataset  # local import: data.py pulls in Pillow etc.
-
     train, test = ImageDataset(dataset_dir, "train"), ImageDataset(dataset_dir, "test")
     if train.num_classes < 2:
         raise UserError(f"{dataset_dir} has {train.num_classes} classes; the classifier (acc, dfid) "
@@ -168,8 +164,6 @@ def _fit(model: SmallCNN, train: ImageDataset, epochs: int, batch_size: int, lr:
 
 def save_classifier(model: SmallCNN, config: dict, out_dir: str | Path) -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -180,8 +174,6 @@ def save_classifier(model: SmallCNN, config: dict, out_dir: str | Path) -> Path:
 
 def load_classifier(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SmallCNN, dict]:
     """Read a checkpoint written by save_classifier; returns (model in eval mode, config)."""
-    from safetensors.torch import load_file
-
     d = Path(ckpt_dir)
     if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
         raise UserError(f"{d} holds no classifier ({WEIGHTS} + {CONFIG}); train one with "

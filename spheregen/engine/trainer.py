@@ -17,7 +17,6 @@ as one uninterrupted run on CPU.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import random
 import sys
@@ -30,10 +29,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import dist
-from .checkpoint import STATE_FILE, load_weights, read_config, save_model_dir
-from .config import to_dict
-from .errors import UserError
+from spheregen.config import to_dict
+from spheregen.engine import dist
+from spheregen.engine.logger import MetricsLogger
+from spheregen.engine.state import EpochSampler, resume_checkpoint, save_checkpoint
+from spheregen.errors import UserError
 
 
 @dataclass
@@ -89,67 +89,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-class EpochSampler:
-    """Deterministic batches: epoch e is a permutation (and flip mask) drawn from seed (seed, e).
-    Batches that would straddle the end of an epoch start the next epoch instead (drop-last)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, flip: bool, rank: int = 0, world: int = 1):
-        if n < batch_size:
-            raise UserError(f"the dataset has {n} items, fewer than the batch size {batch_size}; "
-                            "lower train.batch_size")
-        self.n, self.batch_size, self.seed, self.flip = n, batch_size, seed, flip
-        self.rank, self.world = rank, world
-        self.epoch, self.pos = 0, 0
-        self._load_epoch()
-
-    def _load_epoch(self) -> None:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.perm = torch.randperm(self.n, generator=g)
-        self.flips = torch.rand(self.n, generator=g) < 0.5 if self.flip else torch.zeros(self.n, dtype=torch.bool)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch's indices and flip mask; rank r of `world` gets its contiguous slice."""
-        if self.pos + self.batch_size > self.n:
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._load_epoch()
-        sl = slice(self.pos, self.pos + self.batch_size)
-        self.pos += self.batch_size
-        idx, flips = self.perm[sl], self.flips[sl]
-        per = self.batch_size // self.world
-        return idx[self.rank * per:(self.rank + 1) * per], flips[self.rank * per:(self.rank + 1) * per]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._load_epoch()
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary `.step_*` dirs are never listed)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    dirs = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
 
 
 class Trainer:
@@ -220,74 +159,11 @@ class Trainer:
 
     def save(self) -> Path:
         """Rank 0 writes run_dir/checkpoints/step_N atomically (with every rank's RNG state); old ones pruned."""
-        rngs = dist.gather_objects(_rng_state())
-        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
-        ema = self.ema
-        if self.fsdp:  # collectives: every rank takes part in gathering the full tensors
-            weights = _TensorDict(dist.full_model_state(self.model))
-            optim = dist.full_optimizer_state(self.model, self.opt)
-            ema = {n: dist.full_tensor(v).cpu() for n, v in self.ema.items()} if self.ema is not None else None
-        else:
-            weights, optim = self.model, self.opt.state_dict()
-        if self.rank != 0:
-            dist.barrier()
-            return path
-        state = {
-            "step": self.step, "optimizer": optim, "fsdp": self.fsdp, "sampler": self.sampler.state_dict(),
-            "rng": rngs[0], "rank_rngs": rngs, "bad_steps": self.bad_steps,
-            "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt else None,
-        }
-        ema_module = _TensorDict(ema) if ema is not None else None
-        config = {"model_type": getattr(self.model, "model_type", None), **self.config_dict}
-        save_model_dir(path, weights, config, ema=ema_module, train_state=state)
-        for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
-            _rmtree(old)
-        dist.barrier()
-        return path
+        return save_checkpoint(self)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore from `path` or the newest loadable checkpoint of run_dir; False if there is none."""
-        candidates = [Path(path)] if path else list(reversed(list_checkpoints(self.run_dir)))
-        for ckpt in candidates:
-            try:
-                saved = read_config(ckpt)
-                weights = load_weights(ckpt)
-                state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-            except (UserError, OSError, RuntimeError, EOFError) as e:
-                if path:
-                    raise UserError(f"cannot resume from {ckpt}: {e}") from None
-                print(f"skipping unreadable checkpoint {ckpt}: {e}")
-                continue
-            if saved.get("model") != self.config_dict.get("model"):
-                raise UserError(f"{ckpt} was trained with a different model config; resume with the run's own "
-                                "config or start a new run directory")
-            if bool(state.get("fsdp")) != self.fsdp:
-                raise UserError(f"{ckpt} was saved with train.fsdp = {bool(state.get('fsdp'))}; resume with the "
-                                "same setting (and more than one rank for FSDP)")
-            weights = self.model.upgrade_state(weights) if hasattr(self.model, "upgrade_state") else weights
-            if self.fsdp:
-                dist.load_full_state(self.model, self.opt, weights, state["optimizer"])
-            else:
-                self.model.load_state_dict(weights)
-                self.opt.load_state_dict(state["optimizer"])
-            if self.ema is not None:
-                ema_w = load_weights(ckpt, use_ema=True)
-                params = dict(self.model.named_parameters())
-                self.ema = {n: _like(ema_w[n], params[n]) for n in self.ema_names}
-            if self.disc_opt is not None and state.get("disc_optimizer"):
-                self.disc_opt.load_state_dict(state["disc_optimizer"])
-            self.sampler.load_state_dict(state["sampler"])
-            rngs = state.get("rank_rngs") or [state["rng"]]
-            if len(rngs) == self.world:
-                _set_rng_state(rngs[self.rank])
-            else:  # a different number of ranks: data order is kept, per-rank noise restarts from the seed
-                print(f"resuming with {self.world} ranks from a {len(rngs)}-rank run: RNG streams are re-seeded")
-            self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
-            print(f"resumed from {ckpt} at step {self.step}")
-            return True
-        if path is None and candidates == []:
-            return False
-        raise UserError(f"no loadable checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+        return resume_checkpoint(self, path)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -333,7 +209,7 @@ class Trainer:
         returns the last logged scalars."""
         cfg, model = self.cfg, self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = _Logger(self.run_dir, cfg.logger, enabled=self.rank == 0)
+        logger = MetricsLogger(self.run_dir, cfg.logger, enabled=self.rank == 0)
         model.train()
         params = [p for g in self.opt.param_groups for p in g["params"]]
         # in a log file (not a terminal) one refresh every 30 s keeps the file readable
@@ -400,81 +276,3 @@ class Trainer:
             v.lerp_(params[n].detach(), 1 - d)
 
 
-def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`value` (a full tensor) laid out like `param` (sharded like it when param is an FSDP DTensor)."""
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements).detach().clone()
-    return value.to(param.device, param.dtype).clone()
-
-
-class _TensorDict(torch.nn.Module):
-    """Wrap a name -> tensor dict so it can be written like a module's state_dict."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        self._t = tensors
-
-    def state_dict(self, *args, **kwargs):
-        return dict(self._t)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    # rename first so a kill mid-delete never leaves a partial dir under a checkpoint name
-    tmp = path.parent / f".{path.name}.del"
-    path.rename(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _Logger:
-    """Scalars to run_dir/metrics.csv (one row per log step, columns grow as new terms appear) and,
-    with logger = "tensorboard", to TensorBoard as well."""
-
-    def __init__(self, run_dir: Path, kind: str, enabled: bool = True):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.csv"
-        self.rows: list[dict] = []
-        self.keys: list[str] = []
-        self.first = True
-        if self.path.is_file():
-            with open(self.path) as f:
-                self.rows = list(csv.DictReader(f))
-        self.tb = None
-        if kind == "tensorboard" and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                print("tensorboard is not installed (pip install 'spheregen[tensorboard]'); logging to CSV only")
-
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: f"{v:.6g}" for k, v in scalars.items()}}
-        new_keys = not self.keys or set(row) - set(self.keys)
-        if self.first:  # a resumed run replaces whatever the killed run logged past this point
-            self.rows = [r for r in self.rows if int(r["step"]) < step]
-        self.rows.append(row)
-        if self.first or new_keys:
-            self.keys = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
-            tmp = self.path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.keys, restval="")
-                w.writeheader()
-                w.writerows(self.rows)
-            tmp.replace(self.path)
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.keys, restval="", extrasaction="ignore").writerow(row)
-        self.first = False
-        if self.tb:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()

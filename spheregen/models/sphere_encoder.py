@@ -20,24 +20,51 @@ e' drawn once and shared across steps (or fresh per step), r_t = (1 - (t - 1)/(T
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import PretrainedMixin, register_model
-from .config import from_dict
-from .errors import UserError
-from .sphere import spherify
-from .sphere_encoder_eval import add_commands, make_eval_fn, psnr, recalibrate_bn
-from .sphere_encoder_loss import drop_labels, noise_levels, param_groups, stratified_uniform, training_loss
-from .sphere_encoder_nets import Decoder, Encoder, SphereEncoderConfig, sigma_max
+from spheregen.checkpoint import PretrainedMixin, register_model
+from spheregen.config import from_dict
+from spheregen.errors import UserError, check_choice, check_class_ids
+from spheregen.models.sphere_encoder_loss import (
+    drop_labels,
+    noise_levels,
+    param_groups,
+    stratified_uniform,
+    training_loss,
+)
+from spheregen.models.sphere_encoder_nets import Decoder, Encoder, SphereEncoderConfig, sigma_max
+from spheregen.sphere import spherify
 
 CFG_POSITIONS = ("pixel", "latent", "combo")
-DEFAULT_STEPS = 4  # decoder passes when `spheregen sample` is not given --steps
-__all__ = ["SphereEncoder", "SphereEncoderConfig", "CFG_POSITIONS", "stratified_uniform", "training_setup", "psnr",
-           "recalibrate_bn", "add_commands"]
+
+
+@dataclass(frozen=True)
+class SphereEncoderSampling:
+    """How the Sphere Encoder samples (Algorithm 1): `steps` decoder passes (1-6 in the paper), CFG scale and
+    position (decoder output "pixel", encoder output "latent", or both with sqrt(s) "combo"), one noise draw
+    shared by every refinement step (or fresh ones), and the noise decay r_t = r (1 - (t-1)/(T-1))^gamma (Eq. 13)."""
+
+    steps: int = 4
+    cfg: float = 1.0
+    cfg_position: str = "combo"
+    shared_noise: bool = True
+    gamma: float = 0.0
+    r: float = 1.0
+    progress: bool = False  # accepted for a common sampling interface; generation here takes a few passes
+
+    def __post_init__(self) -> None:
+        check_choice("cfg_position", self.cfg_position, CFG_POSITIONS)
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, got {self.steps}")
+        if self.gamma < 0 or self.r < 0:
+            raise UserError(f"r and gamma must be >= 0, got r = {self.r}, gamma = {self.gamma}")
+__all__ = ["SphereEncoder", "SphereEncoderConfig", "SphereEncoderSampling", "CFG_POSITIONS", "stratified_uniform",
+           "recalibrate_bn"]
 
 
 def noise_source(shape: tuple[int, ...], n: int, device, seeds=None, generator=None) -> Callable[[], torch.Tensor]:
@@ -145,7 +172,7 @@ class SphereEncoder(PretrainedMixin, nn.Module):
         """D(f(E(x))) with no noise and the null label (Sec. 2.4)."""
         return self.decode(self.encode_sphere(x))
 
-    # -- training (spheregen.sphere_encoder_loss) ----------------------------------------------------
+    # -- training (spheregen.models.sphere_encoder_loss) ----------------------------------------------------
     def _drop(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         return drop_labels(self, labels)
 
@@ -155,7 +182,7 @@ class SphereEncoder(PretrainedMixin, nn.Module):
 
     def _perceptual(self) -> nn.Module | None:
         if not self._perc.built:
-            from .losses import build_perceptual
+            from spheregen.losses import build_perceptual
 
             self._perc.module = build_perceptual(self.config.perceptual, self.config.vgg_weights or None)
             self._perc.built = True
@@ -251,47 +278,60 @@ class SphereEncoder(PretrainedMixin, nn.Module):
             if labels.dim() != 2 or labels.shape[1] != K + 1:
                 raise UserError(f"soft labels must have shape [B, {K + 1}], got {tuple(labels.shape)}")
             return
-        if labels.numel() and (labels.min() < 0 or labels.max() >= K):
-            bad = int(labels[(labels < 0) | (labels >= K)][0])
-            raise UserError(f"class id {bad} is out of range; this model has classes 0..{K - 1}")
+        check_class_ids(labels.flatten().tolist(), K)
 
     @torch.no_grad()
     def generate_images(self, labels: torch.Tensor | None, seeds: list[int],
-                        options: dict | None = None) -> torch.Tensor:
-        """The `spheregen sample` entry point. options: steps (default DEFAULT_STEPS), cfg, cfg_position,
-        shared_noise, gamma, r (other keys are ignored); labels are ignored by an unconditional model."""
-        known = {"steps", "cfg", "cfg_position", "shared_noise", "gamma", "r"}
-        kwargs = {"steps": DEFAULT_STEPS, **{k: v for k, v in (options or {}).items() if k in known and v is not None}}
+                        options: SphereEncoderSampling | dict | None = None) -> torch.Tensor:
+        """The `spheregen sample` entry point (labels are ignored by an unconditional model). options:
+        SphereEncoderSampling, or a dict of its fields (an unknown key is an error)."""
+        opts = self.sampling_options(options)
         if self.config.num_classes == 0:
             labels = None
-        return self.generate(labels, seeds=seeds, n=len(seeds), **kwargs)
+        return self.generate(labels, steps=opts.steps, cfg=opts.cfg, cfg_position=opts.cfg_position,
+                             shared_noise=opts.shared_noise, gamma=opts.gamma, r=opts.r, seeds=seeds, n=len(seeds))
+
+    @staticmethod
+    def sampling_options(options: SphereEncoderSampling | dict | None = None) -> SphereEncoderSampling:
+        """SphereEncoderSampling from itself, a dict of its fields, or None (the defaults)."""
+        if isinstance(options, SphereEncoderSampling):
+            return options
+        return from_dict(SphereEncoderSampling, dict(options or {}), "")
 
 
-def training_setup(config: dict, args) -> tuple[SphereEncoder, object, Callable]:
-    """`spheregen train sphere --config configs/sphere/NAME.toml`: model, dataset (train split), eval_fn.
+# -- BatchNorm recalibration (App. C.4) -------------------------------------------------------------------
+@torch.no_grad()
+def recalibrate_bn(model: SphereEncoder, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                   n: int = 500, batch_size: int = 50, steps: int = 4, cfg: float = 1.0,
+                   cfg_position: str = "combo", seed: int = 0) -> int:
+    """Re-estimate the latent BN statistics: running mean / var = plain averages over the calibration batches.
 
-    image_size, channels and num_classes default to the dataset's; explicit values must agree with it."""
-    from .data import ImageDataset
-
-    data_cfg = config.get("data", {})
-    if "path" not in data_cfg:
-        raise UserError("the config has no data.path; set it in [data] or pass --data DIR")
-    dataset = ImageDataset(data_cfg["path"], split=data_cfg.get("split", "train"),
-                           test_fraction=data_cfg.get("test_fraction", 0.1))
-    model_dict = dict(config.get("model", {}))
-    found = {"image_size": dataset.image_size, "channels": dataset.channels, "num_classes": dataset.num_classes}
-    for key, value in found.items():
-        if key in model_dict and model_dict[key] != value:
-            raise UserError(f"model.{key} = {model_dict[key]} but the dataset {data_cfg['path']} has {key} {value}; "
-                            f"remove model.{key} from the config or use a matching dataset")
-        model_dict[key] = value
-    mcfg = from_dict(SphereEncoderConfig, model_dict, "model.")
+    With `images` [M, C, H, W] in [-1, 1] (and their labels): encode them. Without: sample n images with
+    Algorithm 1 (`steps`, `cfg`; classes cycled, seeds seed + k) and average over every encoder pass inside.
+    Returns the number of batches averaged. The model is left in eval mode.
+    """
+    bn = model.encoder.bn
+    if bn is None:
+        raise UserError("this Sphere Encoder has no latent BatchNorm (model.latent_bn = false); nothing to "
+                        "recalibrate")
+    device = next(model.parameters()).device
+    model.eval()
+    bn.reset_running_stats()
+    momentum, bn.momentum = bn.momentum, None  # None: cumulative average over all batches
+    bn.train()
     try:
-        mcfg.validate()
-    except ValueError as e:
-        raise UserError(f"invalid [model] config: {e}") from None
-    model = SphereEncoder(mcfg)
-    eval_set = ImageDataset(data_cfg["path"], split="test") if data_cfg.get("split", "train") == "train" else dataset
-    if len(eval_set) == 0:
-        eval_set = dataset
-    return model, dataset, make_eval_fn(eval_set)
+        if images is not None:
+            for i in range(0, len(images), batch_size):
+                lab = labels[i:i + batch_size].to(device) if labels is not None else None
+                model.encode(images[i:i + batch_size].to(device), lab)
+        else:
+            K = model.config.num_classes
+            for i in range(0, n, batch_size):
+                k = torch.arange(i, min(i + batch_size, n))
+                lab = (k % K).to(device) if K else None
+                model.generate(lab, steps=steps, cfg=cfg, cfg_position=cfg_position,
+                               seeds=[seed + int(j) for j in k], n=len(k))
+    finally:
+        bn.momentum = momentum
+        model.eval()
+    return int(bn.num_batches_tracked)

@@ -8,12 +8,12 @@ A cache is a directory written by `spheregen encode`:
   meta.json             {"posterior", "radius", "grid": [h, w], "latent_dim", "num_classes", "classes",
                          "tokenizer", "image_size", "channels", "c_sigma", "count", "data", "split"}
 Storing the posterior rather than one sample lets every epoch see a fresh draw z ~ q(z | x), as the
-reference AR trainer does by re-encoding each step (research notes Sec. 3).
+authors' AR trainer does by re-encoding each step.
 """
 
 from __future__ import annotations
 
-import argparse
+
 import json
 from pathlib import Path
 
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import write_dir_atomically
-from .errors import UserError
-from .tokenizer import Tokenizer, load_tokenizer, sample_posterior
+from spheregen.checkpoint import write_dir_atomically
+from spheregen.errors import UserError
+from spheregen.models.tokenizer import Tokenizer, sample_posterior
 
 CACHE_FILE, META_FILE = "latents.safetensors", "meta.json"
 PARAM_KEYS = {"spherical": ("mu", "kappa"), "gaussian": ("mean", "std"), "gaussian_norm": ("mean", "std"),
@@ -157,31 +157,3 @@ def write_latent_cache(tokenizer: Tokenizer, dataset, out: str | Path, tokenizer
     return out
 
 
-def _cmd_encode(args: argparse.Namespace) -> int:
-    from .data import ImageDataset
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from .interop.hub import resolve_checkpoint
-
-    tokenizer = load_tokenizer(resolve_checkpoint(args.tokenizer), use_ema=not args.raw_weights, device=device)
-    dataset = ImageDataset(args.data, split=args.split)
-    # record the exact checkpoint used (a run directory would resolve to a newer one after more training)
-    out = write_latent_cache(tokenizer, dataset, args.out, tokenizer.source_path, args.batch_size,
-                             {"data": str(Path(args.data).resolve()), "split": args.split})
-    T = tokenizer.grid[0] * tokenizer.grid[1]
-    print(f"wrote the {tokenizer.config.posterior} posterior of {len(dataset)} images x 2 flips "
-          f"({T} tokens of dim {tokenizer.config.latent_dim}) to {out}")
-    return 0
-
-
-def add_encode_command(sub) -> None:
-    p = sub.add_parser("encode", help="write a latent cache (posterior of every image and its flip) for AR training")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint or run directory, or the authors' "
-                                                      "vae.pt (a path or hf:guolinke/SphereAR/vae.pt)")
-    p.add_argument("--data", required=True, help="dataset directory (from `spheregen data`)")
-    p.add_argument("--out", required=True, help="cache directory to write")
-    p.add_argument("--split", default="all", choices=["all", "train", "test"], help="which images (default all)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.set_defaults(func=_cmd_encode)

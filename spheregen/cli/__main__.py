@@ -1,0 +1,5 @@
+import sys
+
+from spheregen.cli import main
+
+sys.exit(main())

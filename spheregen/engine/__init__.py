@@ -1,0 +1,1 @@
+"""Training: the loop, distributed plumbing, and one training-setup module per model."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID / KID / IS / precision-recall, Inception, the per-dataset classifier."""
