@@ -154,3 +154,13 @@ def test_unknown_sampling_option_is_an_error(tiny):
     assert ar.sampling_options({"steps": 3}).steps == 3
     assert np.isclose(ar.sampling_options(None).cfg, 1.0)
     assert cli.COMMANDS.keys() >= {"sample", "train", "convert", "config"}
+
+
+def test_training_is_reproducible_across_processes(tmp_path, tiny):
+    """The initial weights follow train.seed: two runs in two processes give the same checkpoint bit for bit."""
+    for run in ("a", "b"):
+        proc = _spheregen(["train", "tokenizer", "--config", "mnist_tiny", "--data", str(tiny / "d28"), "--steps",
+                           "2", "--set", "train.batch_size=2", "--set", "data.test_fraction=0", "--out", run], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    a, b = (load_file(str(next((tmp_path / r / "checkpoints").glob("step_*")) / "model.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,8 @@ import argparse
 import importlib
 from pathlib import Path
 
+import torch
+
 from spheregen.cli import add_device_option
 from spheregen.config import CONFIG_KINDS, from_dict, load_config, to_dict
 from spheregen.engine import dist
@@ -28,6 +30,7 @@ def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
     train_cfg = from_dict(TrainConfig, config.get("train", {}), "train.")
     if getattr(args, "steps", None):
         train_cfg.steps = args.steps
+    torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed (not the process's RNG)
     model, dataset, eval_fn = importlib.import_module(SETUPS[kind]).training_setup(config, args)
     config_dict = {"model": to_dict(model.config), "data": config.get("data", {}), "kind": kind}
     run_dir = Path(args.out)
