@@ -46,6 +46,12 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(a) * b)
 
 
+def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each label becomes `null_label` with probability p."""
+    drop = torch.rand(labels.shape, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
 # -- 2D rotary position embedding -----------------------------------------------------------------
 def grid_positions(h: int, w: int, offset: float = 0.5) -> torch.Tensor:
     """(x, y) = (col + offset, row + offset) for an h x w grid in raster order: [h*w, 2]."""

@@ -34,6 +34,7 @@ from spheregen.engine import dist
 from spheregen.engine.logger import MetricsLogger
 from spheregen.engine.state import EpochSampler, resume_checkpoint, save_checkpoint
 from spheregen.errors import UserError
+from spheregen.runtime import default_device
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.cfg, self.run_dir, self.eval_fn = cfg, Path(run_dir), eval_fn
         self.progress = progress and self.rank == 0
-        self.device = torch.device(dist_device or device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = dist_device or default_device(device)
         if cfg.batch_size % (cfg.grad_accum * self.world):
             raise UserError(f"train.batch_size {cfg.batch_size} must be divisible by grad_accum x ranks "
                             f"= {cfg.grad_accum} x {self.world}")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from spheregen.checkpoint import PretrainedMixin, register_model
 from spheregen.config import from_dict
 from spheregen.errors import UserError, check_choice, check_class_ids
-from spheregen.layers import Block, KVCache, RMSNorm, grid_positions, rope_angles, swiglu_hidden
+from spheregen.layers import Block, KVCache, RMSNorm, drop_labels, grid_positions, rope_angles, swiglu_hidden
 from spheregen.models.flow_head import SAMPLERS, FlowHead, guided_velocity, noise_draws, solve
 from spheregen.sphere import project
 
@@ -176,11 +176,9 @@ class SphereAR(PretrainedMixin, nn.Module):
         if z.shape[1:] != (self.seq_len, self.config.token_dim):
             raise UserError(f"latents of shape {tuple(z.shape[1:])} do not fit this model "
                             f"({self.seq_len} tokens of {self.config.token_dim} channels)")
-        labels = labels.to(z.device)
-        drop = torch.rand(len(labels), device=z.device) < self.config.class_dropout
+        labels = drop_labels(labels.to(z.device), self.config.class_dropout, self.null_class)
         if self.num_classes == 0:
-            drop = torch.ones_like(drop)
-        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            labels = torch.full_like(labels, self.null_class)
         h = self.hidden_states(z, labels)
         loss = self.head.loss(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), self.config.diff_batch_mul)
         return loss, {"flow": loss.detach()}

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from spheregen import layers
+
 
 def stratified_uniform(n: int, device=None) -> torch.Tensor:
     """n values in [0, 1]: one 1, one 0 and (i + U_i)/(n - 2) for the rest (U clamped >= 1e-3), shuffled."""
@@ -30,8 +32,7 @@ def drop_labels(model, labels: torch.Tensor | None) -> torch.Tensor | None:
     """Label dropout: each label becomes the null label with probability label_dropout (per pass)."""
     if labels is None or model.config.num_classes == 0 or model.config.label_dropout <= 0:
         return labels
-    drop = torch.rand(labels.shape, device=labels.device) < model.config.label_dropout
-    return torch.where(drop, torch.full_like(labels, model.null_label), labels)
+    return layers.drop_labels(labels, model.config.label_dropout, model.null_label)
 
 
 def noise_levels(model, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
