@@ -14,6 +14,7 @@ the 5,000-digit MNIST at 32 px (98.8% test accuracy); prediction runs at thousan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -190,8 +191,6 @@ def load_classifier(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
 
 def weights_key(ckpt_dir: str | Path) -> str:
     """A short hash of the classifier weights, to key cached domain-FID statistics."""
-    import hashlib
-
     return "classifier-" + hashlib.sha1((Path(ckpt_dir) / WEIGHTS).read_bytes()).hexdigest()[:10]
 
 

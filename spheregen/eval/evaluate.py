@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from spheregen.data.datasets import ImageDataset
 from spheregen.errors import UserError
@@ -43,8 +44,6 @@ def _read_folder(path: Path, max_n: int | None) -> np.ndarray:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise UserError(f"{path} holds no images (.png/.jpg); pass a folder of PNGs, an .npz or a dataset dir")
-    from PIL import Image
-
     ims = []
     for p in files[:max_n]:
         try:

@@ -30,6 +30,7 @@ from torch import nn
 from spheregen.checkpoint import PretrainedMixin, register_model
 from spheregen.config import from_dict
 from spheregen.errors import UserError, check_choice, check_class_ids
+from spheregen.losses import build_perceptual
 from spheregen.models.sphere_encoder_loss import (
     drop_labels,
     noise_levels,
@@ -182,8 +183,6 @@ class SphereEncoder(PretrainedMixin, nn.Module):
 
     def _perceptual(self) -> nn.Module | None:
         if not self._perc.built:
-            from spheregen.losses import build_perceptual
-
             self._perc.module = build_perceptual(self.config.perceptual, self.config.vgg_weights or None)
             self._perc.built = True
         return self._perc.module
