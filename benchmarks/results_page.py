@@ -120,6 +120,7 @@ def posterior_section(res: dict, spread_res: dict | None = None) -> list[str]:
            settings(res, f"tokenizer {b['tokenizer_steps']} steps ({res['tokenizer_config']}), AR "
                          f"{b['ar_steps']} steps ({res['ar_config']}), {res['sampler']} with {b['head_steps']} "
                          f"head steps, {res['cfg_schedule']} CFG; "), "", floor(res), ""]
+    out += [f"*{res['note']}*", ""] if res.get("note") else []
     spread = spread_res["spread"] if spread_res else None
     if spread_res:
         out += [spread_line(spread_res), ""]

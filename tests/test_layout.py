@@ -37,7 +37,7 @@ def _imports(path: Path) -> set[str]:
             assert node.level == 0, f"{path}: relative import; spheregen uses absolute imports"
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)
-    modules = {_module_name(p) for p in PKG.rglob("*.py")}
+    modules = {_module_name(p) for p in PKG.rglob("*.py")} - {"spheregen"}  # the root package is empty
     return {m for m in found if m in modules}
 
 
