@@ -63,13 +63,14 @@ def load_generator(ckpt: str | Path, tokenizer: str | None = None,
         raise UserError(f"{ckpt} holds a {model.model_type} model, which does not generate images; pass an AR or "
                         "Sphere Encoder checkpoint")
     if hasattr(model, "attach_decoder"):
-        path = tokenizer or model.config.tokenizer
-        if not path:
+        if tokenizer:  # given: a directory, or an authors' vae.pt (a path or hf:)
+            path = resolve_checkpoint(tokenizer)
+        elif model.config.tokenizer:  # recorded, relative to the checkpoint for converted ones
+            path = ckpt / model.config.tokenizer
+            if not path.is_dir():
+                raise UserError(f"tokenizer {path} (recorded in {ckpt}) does not exist; pass --tokenizer CKPT")
+        else:
             raise UserError(f"{ckpt} does not record its tokenizer; pass --tokenizer CKPT")
-        if not tokenizer and not Path(path).is_absolute():  # recorded relative to the checkpoint (converted ones)
-            path = str((ckpt / path).resolve())
-        if not Path(path).is_dir():
-            raise UserError(f"tokenizer {path} (recorded in {ckpt}) does not exist; pass --tokenizer CKPT")
         model.attach_decoder(load_tokenizer(path, device=device))
     return model
 

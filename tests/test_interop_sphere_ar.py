@@ -306,3 +306,8 @@ def test_vae_file_alone_converts_to_a_tokenizer_and_encodes_from_the_hub(tmp_pat
                          "--split", "all", "--out", "latents"], tmp_path, hub)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "latents").is_dir()
+    ar_dir = tmp_path / "converted"
+    assert cli.main(["convert", "sphere-ar", str(_file("ar")), "--out", str(ar_dir)]) == 0
+    proc = _run_offline(["sample", "--ckpt", str(ar_dir / "ar"), "--tokenizer", "hf:guolinke/SphereAR/vae.pt",
+                         "--classes", "0", "--n", "1", "--steps", "1", "--npz", "t.npz", "--quiet"], tmp_path, hub)
+    assert proc.returncode == 0, proc.stderr
