@@ -22,7 +22,7 @@ from spheregen.cli import add_device_option
 from spheregen.errors import UserError, check_class_ids
 from spheregen.generation import class_labels, load_generator, sample_images, sample_to_dir
 from spheregen.images import from_uint8, save_grid, to_uint8
-from spheregen.runtime import default_device
+from spheregen.runtime import PRECISIONS, compile_model, default_device, precision_autocast
 
 # flag -> (sampling field, the model it belongs to; None: both)
 FLAGS = {"cfg": ("cfg", None), "steps": ("steps", None),
@@ -88,21 +88,27 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     _check_outputs(args)
-    model = load_generator(args.ckpt, args.tokenizer, default_device(args.device))
+    device = default_device(args.device)
+    model = load_generator(args.ckpt, args.tokenizer, device)
     options = model.sampling_options(sampling_options(args, model.model_type))
+    autocast = precision_autocast(device, args.precision)
+    if args.compile:
+        compile_model(model)
     num_classes = int(getattr(model, "num_classes", 0))
     classes = parse_classes(args.classes, num_classes)
     labels = class_labels(classes, args.n, args.class_sampling, args.seed) if num_classes else [0] * args.n
     written = []
     if args.out_dir:  # sharded over torchrun ranks, resumable: finished PNGs are kept and skipped
-        arr = sample_to_dir(model, labels, args.seed, args.batch_size, options, Path(args.out_dir), num_classes,
-                            progress=not args.quiet)
+        with autocast:
+            arr = sample_to_dir(model, labels, args.seed, args.batch_size, options, Path(args.out_dir), num_classes,
+                                progress=not args.quiet)
         if arr is None:  # ranks other than 0 stop here
             return 0
         images = from_uint8(arr)
         written.append(f"{args.out_dir}/ ({len(arr)} PNGs)")
     else:
-        images = sample_images(model, labels, args.seed, args.batch_size, options, progress=not args.quiet)
+        with autocast:
+            images = sample_images(model, labels, args.seed, args.batch_size, options, progress=not args.quiet)
         arr = to_uint8(images)
     if args.out:
         balanced = num_classes and args.class_sampling == "balanced"
@@ -137,6 +143,13 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p.add_argument("--out-dir", help="directory of individual PNGs")
     p.add_argument("--npz", help="ADM-format .npz (arr_0 uint8 NHWC images, arr_1 labels)")
     add_device_option(p)
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="autocast dtype of sampling (bf16 / fp16; fp32: none); on CUDA, fp32 matmuls may use TF32. "
+                        "SphereAR's transformer and flow head keep their own (bf16 on CUDA, fp32 on CPU); "
+                        "the switch covers its tokenizer decode and all of the Sphere Encoder")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model step (the flow head / the Sphere Encoder's encoder and decoder); "
+                        "pays a one-off compile time, worth it for long runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     ar = p.add_argument_group("SphereAR")
     ar.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in the AR checkpoint)")

@@ -58,7 +58,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     max_bad_steps: int = 20  # consecutive non-finite steps before aborting
-    logger: str = "csv"  # "csv" or "tensorboard" (also writes the CSV)
+    logger: str = "csv"  # "csv", "tensorboard" or "wandb" (offline unless WANDB_MODE is set); always writes the CSV
     fsdp: bool = False  # shard parameters, gradients and optimizer state over ranks (SphereAR-L/H)
 
 
