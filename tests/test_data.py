@@ -313,3 +313,28 @@ def test_emoji_missing_font(tmp_path, capsys, monkeypatch):
         proc = main_in_process(capsys, "data", "emoji", "--size", "32", "--out", str(tmp_path / "e"))
         assert_one_line_error(proc, "fonts-noto-color-emoji", "make emoji-debs")
     assert not (tmp_path / "e").exists()
+
+
+def test_cli_refuses_an_existing_dataset_without_overwrite(tmp_path, capsys):
+    """`spheregen data ... --out EXISTING` never replaces a dataset silently: one-line error, data untouched;
+    --overwrite replaces it. The builders refuse by default too (write_dataset keeps replacing, as above)."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(src / "a" / "x.png")
+    out = tmp_path / "ds"
+    assert main_in_process(capsys, "data", "folder", str(src), "--out", str(out), "--size", "8").returncode == 0
+    before = (out / "images.npy").read_bytes()
+    proc = main_in_process(capsys, "data", "folder", str(src), "--out", str(out), "--size", "4")
+    assert_one_line_error(proc, "already holds a dataset", "--overwrite")
+    assert (out / "images.npy").read_bytes() == before
+    with pytest.raises(UserError, match="--overwrite"):
+        builders.build_folder(src, out, 4)
+    proc = main_in_process(capsys, "data", "folder", str(src), "--out", str(out), "--size", "4", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert read_dataset(out)[0].shape == (1, 4, 4, 3)
+    (out / "notes.txt").write_text("mine")  # foreign files are refused even with --overwrite
+    proc = main_in_process(capsys, "data", "folder", str(src), "--out", str(out), "--size", "4", "--overwrite")
+    assert_one_line_error(proc, "notes.txt")
+    (tmp_path / "empty").mkdir()  # an empty directory is not data
+    assert main_in_process(capsys, "data", "folder", str(src), "--out", str(tmp_path / "empty"),
+                           "--size", "4").returncode == 0

