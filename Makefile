@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 DATA   ?= data
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-sphere test test-all lint clean data
+.PHONY: venv demo demo-sphere test test-all lint clean data app
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ demo: data
 # The Sphere Encoder on MNIST-32, grids at 1 and 4 steps and a guided one (a second command: it trains for longer).
 demo-sphere: data
 	$(VENV)/bin/spheregen demo --model sphere --data $(DATA)/mnist32 --out runs/demo
+
+# The web app's extra (Gradio) on top of the venv; then `$(VENV)/bin/spheregen serve --ckpt CKPT [--ckpt ...]`.
+APP_STAMP := $(VENV)/.installed-app
+$(APP_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[app]"
+	touch $(APP_STAMP)
+
+app: $(APP_STAMP)
+	@echo "installed; run: $(VENV)/bin/spheregen serve --ckpt runs/demo/ar --ckpt runs/demo/sphere_encoder"
 
 test: $(STAMP)
 	@# the emoji font and list come from Debian (no root needed); tests that need them skip if this fails

@@ -24,6 +24,7 @@ COMMANDS = {
     "sphere-encoder": ("spheregen.cli.sphere_encoder", "Sphere Encoder utilities (BatchNorm recalibration)"),
     "eval": ("spheregen.cli.eval", "evaluate samples against a reference (FID, KID, precision/recall, accuracy)"),
     "config": ("spheregen.cli.config", "list the shipped configs, or show one resolved with --set overrides"),
+    "serve": ("spheregen.cli.serve", "a web app (Gradio, the `app` extra) to sample and edit with checkpoints"),
     "demo": ("spheregen.cli.demo", "train a tiny pipeline end to end and write sample grids"),
 }
 
