@@ -97,3 +97,18 @@ def test_example_generates_two_images(tiny, tmp_path, monkeypatch, capsys):
     assert "2 images" in capsys.readouterr().out
     with Image.open(out) as im:
         assert im.size == (28, 56)
+
+
+def test_pipeline_compile_and_precision(tiny_se, monkeypatch):
+    """pipe.compile() goes through torch.compile (eager backend here: inductor's build takes a minute on these
+    cores, tests/test_switches.py runs it as a slow test); .to(precision="bf16") samples under bf16 autocast."""
+    real, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or real(fn, backend="eager"))
+    pipe = SphereEncoderPipeline.from_pretrained(tiny_se)
+    ref = pipe([0, 1], num_inference_steps=2, output_type="pt").images
+    assert torch.equal(pipe.compile()([0, 1], num_inference_steps=2, output_type="pt").images, ref)
+    assert len(compiled) == 2  # encoder and decoder
+    bf16 = pipe.to("cpu", precision="bf16")([0, 1], num_inference_steps=2, output_type="pt").images
+    assert bf16.dtype == torch.float32 and bf16.shape == ref.shape
+    with pytest.raises(UserError, match="precision"):
+        pipe.to(precision="fp8")
