@@ -1,0 +1,1 @@
+"""Datasets (image arrays, folders) and the latent cache."""
