@@ -47,3 +47,28 @@ def test_overrides_and_bad_toml(tmp_path, capsys):
     f.write_text("[train\nlr = ")
     assert main(["train", "tokenizer", "--config", str(f)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_every_help_shows_the_defaults():
+    """Each option with a default (not None / False / []) says it in its command's --help."""
+    import argparse
+
+    from spheregen.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+
+    missing = []
+    for p in parsers(build_parser(None)):
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            d = a.default
+            if not a.option_strings or d is None or d is False or d == [] or d == argparse.SUPPRESS:
+                continue
+            if f"default: {d}" not in text and "default" not in (a.help or ""):
+                missing.append(f"{p.prog} {a.option_strings[0]}")
+    assert not missing, missing

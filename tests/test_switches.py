@@ -82,8 +82,7 @@ def _spy_autocast(monkeypatch, cls, name: str) -> list:
 
 
 def test_sample_precision_bf16_autocasts(tiny, tmp_path, monkeypatch):
-    """--precision bf16 runs the Sphere Encoder's networks and the AR's tokenizer decode under bf16 autocast.
-    (SphereAR.generate sets its own autocast, bf16 on CUDA and off on CPU, for the transformer and flow head.)"""
+    """--precision bf16 runs the Sphere Encoder's networks and the AR's tokenizer decode under bf16 autocast."""
     torch.manual_seed(0)
     se = SphereEncoder(SphereEncoderConfig(image_size=16, channels=1, num_classes=3, patch_size=4, latent_dim=8,
                                            width=32, depth=1, heads=2, mixer_depth=1, perceptual="ssim"))
@@ -166,3 +165,15 @@ def test_logger_wandb_offline(tmp_path, monkeypatch):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs and os.environ.get("WANDB_MODE") is None
     assert list(runs[0].glob("*.wandb"))
+
+
+def test_sample_precision_reaches_the_ar_networks(tiny, tmp_path, monkeypatch):
+    """SphereAR's transformer and flow head follow --precision (default on CPU: fp32, no autocast)."""
+    from spheregen.models.flow_head import FlowHead
+
+    heads = _spy_autocast(monkeypatch, FlowHead, "forward")
+    _sample(tiny, tmp_path, "ar_default")
+    assert heads and set(heads) == {None}
+    heads.clear()
+    _sample(tiny, tmp_path, "ar_bf16_head", "--precision", "bf16")
+    assert heads and set(heads) == {torch.bfloat16}

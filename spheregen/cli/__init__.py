@@ -36,6 +36,19 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's --help: an option's default is shown unless its help already says it (or it has none);
+    descriptions and epilogs are kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or not action.option_strings or default is None or default is False \
+                or default == argparse.SUPPRESS or default == []:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     """The one --device option of every command."""
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the rank's GPU under torchrun, else cuda when "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from spheregen.cli import HelpFormatter
 from spheregen.config import CONFIG_KINDS, config_path, from_dict, load_config, shipped_configs, to_dict
 from spheregen.engine.trainer import TrainConfig
 from spheregen.models.ar import ARConfig
@@ -36,7 +37,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     q = tools.add_parser("list", help="the configs shipped with spheregen, by kind")
     q.set_defaults(func=_cmd_list)
     q = tools.add_parser("show", help="print a config resolved (defaults filled, --set applied, types checked)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     q.add_argument("kind", choices=sorted(CONFIG_KINDS), help="what the config trains")
     q.add_argument("--config", required=True, help="a shipped config name or a TOML file")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")

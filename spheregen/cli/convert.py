@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spheregen.cli import HelpFormatter
 from spheregen.errors import UserError
 from spheregen.interop import sphere_ar
 from spheregen.interop import sphere_encoder as se
@@ -52,7 +53,7 @@ def _cmd_sphere_ar(args: argparse.Namespace) -> int:
 def _add_sphere_ar(sub) -> None:
     p = sub.add_parser("sphere-ar", help="SphereAR_{B,L,H}.pt (+ vae.pt) -> DIR/tokenizer and DIR/ar; "
                                          "vae.pt alone -> DIR/tokenizer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="the authors' AR file: a path or hf:guolinke/SphereAR/SphereAR_B.pt")
     p.add_argument("--vae", help="the authors' vae.pt (path or hf:); default: the AR file's own vae.* keys, "
                                  "else a vae.pt beside it")
@@ -90,7 +91,8 @@ def _cmd_sphere_encoder(args: argparse.Namespace) -> int:
 
 def _add_sphere_encoder(sub) -> None:
     """Register `spheregen convert sphere-encoder`."""
-    p = sub.add_parser("sphere-encoder", help="the Sphere Encoder authors' experiment folder or .pth",
+    p = sub.add_parser("sphere-encoder", formatter_class=HelpFormatter,
+                       help="the Sphere Encoder authors' experiment folder or .pth",
                        description="Convert the Sphere Encoder authors' checkpoint (an experiment folder "
                                    "<job>/{cfg.json, ckpt/*.pth}, a .pth file or hf:OWNER/REPO/FILE.pth) into a "
                                    "spheregen checkpoint directory for `spheregen sample` and `spheregen edit`.")

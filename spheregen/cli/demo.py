@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from spheregen.checkpoint import list_checkpoints
-from spheregen.cli import main
+from spheregen.cli import HelpFormatter, main
 from spheregen.config import load_config
 from spheregen.data.datasets import ImageDataset
 from spheregen.errors import UserError
@@ -88,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=["sphere_ar", "sphere"], default="sphere_ar",
                    help="SphereAR (tokenizer + AR, default) or the Sphere Encoder")
     p.add_argument("--data", default="data/mnist28", help="dataset directory (built by `spheregen data`)")

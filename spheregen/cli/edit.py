@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from spheregen.cli import add_device_option
+from spheregen.cli import HelpFormatter, add_device_option
 from spheregen.errors import UserError, check_class_ids
 from spheregen.generation import resolve_checkpoint
 from spheregen.images import read_image, save_grid
@@ -150,16 +150,19 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the shared noise e'")
         add_device_option(p)
 
-    p = kinds.add_parser("manipulate", help="re-generate an image conditioned on another class")
+    p = kinds.add_parser("manipulate", help="re-generate an image conditioned on another class",
+                         formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, help="input image file (any size; center-cropped and resized)")
     p.add_argument("--class", dest="cls", type=int, nargs="+", required=True, help="target class id(s), one row each")
     p.add_argument("--cfg", type=float, default=1.0, help="CFG scale (default 1 = none, as in the paper)")
-    p.add_argument("--cfg-position", choices=CFG_POSITIONS, default="combo")
+    p.add_argument("--cfg-position", choices=CFG_POSITIONS, default="combo",
+                   help="where CFG acts: decoder output, encoder output, or both")
     p.add_argument("--result-only", action="store_true", help="write only the final images (default: every step)")
     common(p, steps=4, r=1.0, gamma=0.0)
     p.set_defaults(func=_cmd_manipulate)
 
-    p = kinds.add_parser("crossover", help="stitch two images' halves and harmonise the seam")
+    p = kinds.add_parser("crossover", help="stitch two images' halves and harmonise the seam",
+                         formatter_class=HelpFormatter)
     p.add_argument("--images", nargs=2, required=True, metavar=("A", "B"), help="the two source images")
     p.add_argument("--stitch", choices=STITCH_MODES, default="left-right",
                    help="how A and B are combined: A left / B right (default), A top / B bottom, B's centre square "
@@ -169,7 +172,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     common(p, steps=10, r=0.25, gamma=1.0)
     p.set_defaults(func=_cmd_crossover)
 
-    p = kinds.add_parser("interpolate", help="decode a slerp between two images' latents on the sphere, or "
+    p = kinds.add_parser("interpolate", formatter_class=HelpFormatter,
+                         help="decode a slerp between two images' latents on the sphere, or "
                                              "interpolate input noise and classes (--noise, Fig. 6)")
     p.add_argument("--images", nargs=2, metavar=("A", "B"), help="the two end images")
     p.add_argument("--noise", choices=NOISE_MODES, help="instead of images: interpolate noise draws e (lerp, slerp, "
@@ -180,7 +184,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
                    help="class id to condition on (--images; default the null label), or one per corner (--noise; "
                         "default random per row)")
     p.add_argument("--cfg", type=float, default=1.0, help="--noise: CFG scale (default 1 = none, as in Fig. 6)")
-    p.add_argument("--cfg-position", choices=CFG_POSITIONS, default="combo")
+    p.add_argument("--cfg-position", choices=CFG_POSITIONS, default="combo",
+                   help="where CFG acts: decoder output, encoder output, or both")
     common(p, steps="1 with --images, 4 with --noise", r="0.25 with --images, 1.0 with --noise",
            gamma="1.0 with --images, 0.0 with --noise")
     p.set_defaults(func=_cmd_interpolate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spheregen.cli import add_device_option
+from spheregen.cli import HelpFormatter, add_device_option
 from spheregen.data.datasets import ImageDataset
 from spheregen.data.latents import write_latent_cache
 from spheregen.generation import load_tokenizer
@@ -25,7 +25,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint or run directory, or the authors' "
                                                       "vae.pt (a path or hf:guolinke/SphereAR/vae.pt)")
     p.add_argument("--data", required=True, help="dataset directory (from `spheregen data`)")

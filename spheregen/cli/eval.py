@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spheregen.cli import add_device_option
+from spheregen.cli import HelpFormatter, add_device_option
 from spheregen.eval.evaluate import evaluate, markdown_table
 
 EVAL_HELP = """Metrics: fid, kid, pr (precision/recall), is (needs --inception with logits), acc (class accuracy
@@ -35,7 +35,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     """Register `spheregen eval`."""
     p = sub.add_parser(name, help=help, description=help, epilog=EVAL_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--samples", required=True, help="folder of PNGs, .npz (arr_0 uint8 NHWC) or dataset dir")
     p.add_argument("--ref", required=True, help="dataset dir, .npz of images, folder, or .npz statistics")
     p.add_argument("--metrics", default="fid,kid,pr", help="comma list from fid,kid,is,pr,acc,dfid")

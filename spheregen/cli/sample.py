@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spheregen.cli import add_device_option
+from spheregen.cli import HelpFormatter, add_device_option
 from spheregen.errors import UserError, check_class_ids
 from spheregen.generation import class_labels, load_generator, sample_images, sample_to_dir
 from spheregen.images import from_uint8, save_grid, to_uint8
@@ -44,6 +44,8 @@ def sampling_options(args: argparse.Namespace, model_type: str) -> dict:
             raise UserError(f"--{flag.replace('_', '-')} is a {MODEL_NAMES[owner]} option, but this checkpoint holds "
                             f"a {MODEL_NAMES.get(model_type, model_type)} model; drop it")
         options[field] = (not value) if flag == "fresh_noise" else value
+    if getattr(args, "precision", None) and model_type == "ar":  # the AR sets its networks' autocast itself
+        options["precision"] = args.precision
     return options
 
 
@@ -91,7 +93,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     model = load_generator(args.ckpt, args.tokenizer, device)
     options = model.sampling_options(sampling_options(args, model.model_type))
-    autocast = precision_autocast(device, args.precision)
+    autocast = precision_autocast(device, args.precision or "fp32")
     if args.compile:
         compile_model(model)
     num_classes = int(getattr(model, "num_classes", 0))
@@ -124,7 +126,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (checkpoints/step_*), a run directory, or an "
                                                  "authors' file, local or hf:guolinke/SphereAR/SphereAR_B.pt "
                                                  "(converted once into ~/.cache/spheregen)")
@@ -143,10 +145,10 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p.add_argument("--out-dir", help="directory of individual PNGs")
     p.add_argument("--npz", help="ADM-format .npz (arr_0 uint8 NHWC images, arr_1 labels)")
     add_device_option(p)
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+    p.add_argument("--precision", choices=list(PRECISIONS),
                    help="autocast dtype of sampling (bf16 / fp16; fp32: none); on CUDA, fp32 matmuls may use TF32. "
-                        "SphereAR's transformer and flow head keep their own (bf16 on CUDA, fp32 on CPU); "
-                        "the switch covers its tokenizer decode and all of the Sphere Encoder")
+                        "Default: SphereAR's transformer and flow head in bf16 on CUDA (as the authors), "
+                        "everything else in fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model step (the flow head / the Sphere Encoder's encoder and decoder); "
                         "pays a one-off compile time, worth it for long runs")

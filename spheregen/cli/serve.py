@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spheregen.cli import add_device_option
+from spheregen.cli import HelpFormatter, add_device_option
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", action="append", required=True,
                    help="a SphereAR or Sphere Encoder checkpoint or run directory, or an authors' file (local or "
                         "hf:OWNER/REPO/FILE); repeat for a choice of checkpoints")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spheregen.cli import HelpFormatter
 from spheregen.data.datasets import ImageDataset
 from spheregen.errors import UserError
 from spheregen.generation import resolve_checkpoint
@@ -40,16 +41,17 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     """Register `spheregen sphere-encoder recalibrate-bn`."""
     p = sub.add_parser(name, help=help, description=help)
     kinds = p.add_subparsers(dest="se_command", metavar="TOOL", required=True)
-    q = kinds.add_parser("recalibrate-bn", help="re-estimate latent BatchNorm statistics before sampling "
+    q = kinds.add_parser("recalibrate-bn", formatter_class=HelpFormatter,
+                         help="re-estimate latent BatchNorm statistics before sampling "
                                                 "(paper App. C.4); writes a new checkpoint directory")
     q.add_argument("--ckpt", required=True, help="Sphere Encoder checkpoint directory (model.latent_bn = true)")
     q.add_argument("--out", required=True, help="new checkpoint directory")
     q.add_argument("--data", help="calibrate on real images of this spheregen dataset (default: generated ones)")
     q.add_argument("--split", default="train", help="dataset split with --data (default train)")
     q.add_argument("--n", type=int, default=500, help="calibration images (default 500, as in the paper)")
-    q.add_argument("--batch-size", type=int, default=50)
+    q.add_argument("--batch-size", type=int, default=50, help="images per calibration batch")
     q.add_argument("--steps", type=int, default=4, help="sampling steps for generated images (default 4)")
     q.add_argument("--cfg", type=float, default=1.0, help="CFG scale for generated images (default 1)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="first seed of the generated images")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=_cmd_recalibrate)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from spheregen.cli import add_device_option
+from spheregen.cli import HelpFormatter, add_device_option
 from spheregen.config import CONFIG_KINDS, from_dict, load_config, to_dict
 from spheregen.engine import dist
 from spheregen.engine.trainer import TrainConfig, Trainer
@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     p.add_argument("kind", choices=sorted(SETUPS), help="what to train")
     p.add_argument("--config", required=True, help="a shipped config by name (e.g. mnist_tiny; `spheregen config "
                                                    "list`) or a TOML file with [model], [train] and [data] tables")

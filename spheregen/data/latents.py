@@ -13,7 +13,6 @@ authors' AR trainer does by re-encoding each step.
 
 from __future__ import annotations
 
-
 import json
 from pathlib import Path
 

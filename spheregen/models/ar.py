@@ -29,6 +29,7 @@ from spheregen.sphere import project
 
 CFG_SCHEDULES = ("constant", "linear")
 FIRST_TOKEN_MODES = ("shared", "independent")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ARSampling:
     steps: int = 100
     temperature: float = 1.0
     first_token: str | None = None
+    precision: str | None = None  # autocast of the transformer and head: fp32 | bf16 | fp16; None: bf16 on CUDA
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -53,6 +55,8 @@ class ARSampling:
         check_choice("cfg_schedule", self.cfg_schedule, CFG_SCHEDULES)
         if self.first_token is not None:
             check_choice("first_token", self.first_token, FIRST_TOKEN_MODES)
+        if self.precision is not None:
+            check_choice("precision", self.precision, tuple(AMP_DTYPES))
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
 
@@ -197,7 +201,7 @@ class SphereAR(PretrainedMixin, nn.Module):
     def generate(self, labels, seeds: list[int], sampler: str = "euler_maruyama", steps: int = 100,
                  cfg: float | None = None, cfg_schedule: str = "linear", temperature: float = 1.0,
                  use_cache: bool = True, progress: bool = False, first_token: str | None = None,
-                 noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 noise: list[torch.Tensor] | None = None, precision: str | None = None) -> torch.Tensor:
         """Sample latent tokens [B, T, d] for `labels`, sample k drawing all its noise from seed seeds[k].
 
         cfg None: no guidance (conditional rows only). cfg s: cond and null rows in one batch sharing the
@@ -206,17 +210,19 @@ class SphereAR(PretrainedMixin, nn.Module):
         null rows keep their own token; "shared" guides as elsewhere (None: the config's default).
         noise: explicit noise instead of the seeds' draws, noise[k] [rows, noise_draws, d] with rows = 2B
         (cond rows, then null rows) for an independently solved token, else B. use_cache False recomputes
-        the whole prefix at every token (the reference the KV cache is tested against).
+        the whole prefix at every token (the reference the KV cache is tested against). precision: the
+        networks' autocast (fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 elsewhere); the solver runs in fp32.
         """
         c, device = self.config, self.rope.device
-        independent = self._check_sampling(sampler, steps, cfg_schedule, first_token or c.first_token)
+        independent = self._check_sampling(sampler, steps, cfg_schedule, first_token or c.first_token, precision)
         B, T = len(seeds), self.seq_len
         labels = self._check_labels(labels, B, device)
         guided = cfg is not None and self.num_classes > 0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        dtype = torch.bfloat16 if device.type == "cuda" else self.proj_in.weight.dtype
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        amp = AMP_DTYPES[precision] if precision else (torch.bfloat16 if device.type == "cuda" else None)
+        dtype = amp or self.proj_in.weight.dtype
+        autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         caches = ([KVCache(len(rows), c.n_heads, c.n_cls_tokens + T - 1, c.dim // c.n_heads, device, dtype)
                    for _ in self.blocks] if use_cache else None)
         new = self._class_tokens(rows)  # the inputs not seen yet
@@ -241,8 +247,10 @@ class SphereAR(PretrainedMixin, nn.Module):
                     seq = torch.cat([seq, new], dim=1) if not use_cache else seq
         return torch.stack(tokens, dim=1)
 
-    def _check_sampling(self, sampler: str, steps: int, cfg_schedule: str, first_token: str) -> bool:
-        ARSampling(sampler=sampler, steps=steps, cfg_schedule=cfg_schedule, first_token=first_token)
+    def _check_sampling(self, sampler: str, steps: int, cfg_schedule: str, first_token: str,
+                        precision: str | None = None) -> bool:
+        ARSampling(sampler=sampler, steps=steps, cfg_schedule=cfg_schedule, first_token=first_token,
+                   precision=precision)
         return first_token == "independent"
 
     def solve_token(self, h: torch.Tensor, noise: torch.Tensor, scale: float | None, sampler: str = "euler_maruyama",
@@ -273,7 +281,8 @@ class SphereAR(PretrainedMixin, nn.Module):
         opts = self.sampling_options(options)
         tokens = self.generate(labels, seeds, sampler=opts.sampler, steps=opts.steps,
                                cfg=None if opts.cfg == 1.0 else opts.cfg, cfg_schedule=opts.cfg_schedule,
-                               temperature=opts.temperature, progress=opts.progress, first_token=opts.first_token)
+                               temperature=opts.temperature, progress=opts.progress, first_token=opts.first_token,
+                               precision=opts.precision)
         dec_device = next(self._decoder.parameters()).device if hasattr(self._decoder, "parameters") else None
         tokens = tokens.to(dec_device) if dec_device is not None else tokens
         # the decoder renormalises the (already projected) tokens unless the ablation turned projection off
