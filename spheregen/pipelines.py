@@ -68,17 +68,17 @@ class SpherePipeline:
 
     model_type = ""
 
-    def __init__(self, model: torch.nn.Module, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, precision: str | None = None):
         if self.model_type and getattr(model, "model_type", None) != self.model_type:
             got = getattr(model, "model_type", type(model).__name__)
             raise UserError(f"{type(self).__name__} needs a {MODEL_NAMES[self.model_type]} checkpoint, this one "
                             f"holds a {MODEL_NAMES.get(got, got)} model; use the other pipeline or pipeline_for")
         self.model = model.eval()
-        self.precision = precision
-        precision_autocast("cpu", precision)  # validates the name
+        self.precision = precision  # None: each part's default (SphereAR's networks bf16 on CUDA, else fp32)
+        precision_autocast("cpu", precision or "fp32")  # validates the name
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = "cpu", precision: str = "fp32",
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = "cpu", precision: str | None = None,
                         **kwargs) -> SpherePipeline:
         """A checkpoint directory, a run directory (its newest checkpoint), a save_pretrained directory, or an
         authors' file (local, or hf:OWNER/REPO/FILE), with EMA weights. device None: the best available."""
@@ -126,7 +126,7 @@ class SpherePipeline:
         return [int(y) for y in labels]
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return precision_autocast(self.device, self.precision)
+        return precision_autocast(self.device, self.precision or "fp32")
 
     @torch.no_grad()
     def __call__(self, class_labels: int | list[int] | torch.Tensor | None = None, guidance_scale: float | None = None,
@@ -142,6 +142,8 @@ class SpherePipeline:
             options["cfg"] = float(guidance_scale)
         if num_inference_steps is not None:
             options["steps"] = int(num_inference_steps)
+        if self.precision and self.model_type == "ar":  # the AR sets its networks' autocast itself
+            options.setdefault("precision", self.precision)
         opts = self.model.sampling_options(options)
         with self.autocast():
             images = sample_images(self.model, labels, seed_from(seed, generator), batch_size, opts, progress=False)
@@ -257,7 +259,7 @@ class SphereEncoderPipeline(SpherePipeline):
         return PipelineOutput(format_images(x.float().cpu(), output_type), time.perf_counter() - start)
 
 
-def pipeline_for(path: str | Path, device: str | torch.device | None = "cpu", precision: str = "fp32",
+def pipeline_for(path: str | Path, device: str | torch.device | None = "cpu", precision: str | None = None,
                  **kwargs) -> SpherePipeline:
     """The right pipeline for whatever model the checkpoint holds."""
     model = load_generator(path, device=default_device(device), **kwargs)

@@ -177,3 +177,13 @@ def test_sample_precision_reaches_the_ar_networks(tiny, tmp_path, monkeypatch):
     heads.clear()
     _sample(tiny, tmp_path, "ar_bf16_head", "--precision", "bf16")
     assert heads and set(heads) == {torch.bfloat16}
+
+
+def test_pipeline_precision_reaches_the_ar_networks(tiny, monkeypatch):
+    from spheregen.models.flow_head import FlowHead
+    from spheregen.pipelines import SphereARPipeline
+
+    heads = _spy_autocast(monkeypatch, FlowHead, "forward")
+    pipe = SphereARPipeline.from_pretrained(tiny / "ar").to(precision="bf16")
+    pipe(class_labels=[1], num_inference_steps=1, seed=0)
+    assert heads and set(heads) == {torch.bfloat16}
