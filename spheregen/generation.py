@@ -41,6 +41,7 @@ def class_labels(classes: list[int], n: int, mode: str = "balanced", seed: int =
     picks = torch.randint(len(classes), (n * len(classes),), generator=g)
     return [classes[i] for i in picks.tolist()]
 
+
 def load_tokenizer(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A Tokenizer in eval mode from a checkpoint dir, a save_pretrained dir, a run dir (its newest checkpoint),
     or the authors' vae.pt (a path or hf:); `source_path` records the checkpoint used."""
@@ -85,6 +86,7 @@ def sample_images(model, labels: list[int], seed: int, batch_size: int, options,
         seeds = [seed + k for k in range(s, s + len(lab))]
         out.append(model.generate_images(lab, seeds, _with_progress(model, options, progress)).float().cpu())
     return torch.cat(out)
+
 
 def sample_to_dir(model, labels: list[int], seed: int, batch_size: int, options, out_dir: Path,
                   num_classes: int, progress: bool = True) -> np.ndarray | None:

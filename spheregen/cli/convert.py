@@ -50,6 +50,7 @@ def _cmd_sphere_ar(args: argparse.Namespace) -> int:
           f"{cfg.grid[0]}x{cfg.grid[1]} tokens); sample with: spheregen sample --ckpt {written} --out grid.png")
     return 0
 
+
 def _add_sphere_ar(sub) -> None:
     p = sub.add_parser("sphere-ar", help="SphereAR_{B,L,H}.pt (+ vae.pt) -> DIR/tokenizer and DIR/ar; "
                                          "vae.pt alone -> DIR/tokenizer",
@@ -88,6 +89,7 @@ def _cmd_sphere_encoder(args: argparse.Namespace) -> int:
           f"latent {c.n_tokens}x{c.latent_dim}, {c.head} head, {kind}, {args.weights} weights of {label} "
           f"(cfg {cfg}); sample with: spheregen sample --ckpt {out}")
     return 0
+
 
 def _add_sphere_encoder(sub) -> None:
     """Register `spheregen convert sphere-encoder`."""

@@ -16,11 +16,13 @@ once and cached in DIR/stats/); KID ~50 s and P/R ~1 min at 10k images; the clas
 (~25 s on MNIST-5k) into REF/classifier/, then acc/dfid are near free. A GPU is used when present.
 With fewer than 2048 images FID is biased upwards: compare only at equal n."""
 
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -31,6 +33,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
+
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     """Register `spheregen eval`."""

@@ -37,6 +37,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     print(f"recalibrated the latent BatchNorm on {what} ({batches} encoder batches): {out}")
     return 0
 
+
 def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     """Register `spheregen sphere-encoder recalibrate-bn`."""
     p = sub.add_parser(name, help=help, description=help)

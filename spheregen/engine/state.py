@@ -86,11 +86,13 @@ class EpochSampler:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._load_epoch()
 
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
@@ -99,6 +101,7 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
 def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """`value` (a full tensor) laid out like `param` (sharded like it when param is an FSDP DTensor)."""
     if hasattr(param, "device_mesh"):
@@ -106,6 +109,7 @@ def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements).detach().clone()
     return value.to(param.device, param.dtype).clone()
+
 
 class _TensorDict(torch.nn.Module):
     """Wrap a name -> tensor dict so it can be written like a module's state_dict."""
@@ -116,6 +120,7 @@ class _TensorDict(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return dict(self._t)
+
 
 def _rmtree(path: Path) -> None:
     # rename first so a kill mid-delete never leaves a partial dir under a checkpoint name

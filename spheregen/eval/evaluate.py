@@ -32,6 +32,7 @@ from spheregen.eval.metrics import (
 def is_dataset_dir(path: str | Path) -> bool:
     return Path(path, "images.npy").is_file()
 
+
 def _check_images(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[..., None]
@@ -39,6 +40,7 @@ def _check_images(arr: np.ndarray, where: str) -> np.ndarray:
         raise UserError(f"{where} must hold uint8 images N x H x W x C with C = 1 or 3, "
                         f"got {arr.dtype} {arr.shape}; save samples as uint8")
     return arr
+
 
 def _read_folder(path: Path, max_n: int | None) -> np.ndarray:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
@@ -57,11 +59,13 @@ def _read_folder(path: Path, max_n: int | None) -> np.ndarray:
         ims = [im.convert("RGB") for im in ims]
     return _check_images(np.stack([np.asarray(im) for im in ims]), str(path))
 
+
 def _subset(n: int, max_n: int | None) -> np.ndarray:
     """All of range(n), or max_n of them chosen with seed 0 (sorted)."""
     if max_n is None or max_n >= n:
         return np.arange(n)
     return np.sort(np.random.RandomState(0).permutation(n)[:max_n])
+
 
 def load_images(path: str | Path, max_n: int | None = None,
                 split: str = "all") -> tuple[np.ndarray, np.ndarray | None]:
@@ -97,6 +101,7 @@ def load_images(path: str | Path, max_n: int | None = None,
         labels = None  # arr_1 is something else than one label per image
     return images, None if labels is None else labels.astype(np.int64)
 
+
 def load_labels(path: str | Path, n: int) -> np.ndarray:
     """An int .npy of n class ids."""
     try:
@@ -107,11 +112,13 @@ def load_labels(path: str | Path, n: int) -> np.ndarray:
         raise UserError(f"{path} holds {labels.dtype} {labels.shape}; need {n} integer labels, one per sample")
     return labels.astype(np.int64)
 
+
 def feature_stats(feats: torch.Tensor | np.ndarray, key: str, sample: int = REF_SAMPLE) -> dict:
     """{mu, sigma, feats (seed-0 sample of up to `sample` rows), n, network} of [n, d] features."""
     f = np.asarray(feats, np.float32)
     mu, sigma = mean_cov(f)
     return {"mu": mu, "sigma": sigma, "feats": f[_subset(len(f), sample)], "n": len(f), "network": key}
+
 
 def save_stats(path: str | Path, stats: dict) -> None:
     """Write statistics atomically as .npz."""
@@ -120,6 +127,7 @@ def save_stats(path: str | Path, stats: dict) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, **stats)
     os.replace(tmp, path)
+
 
 def load_stats(path: str | Path, key: str | None = None) -> dict:
     """Read an .npz with mu and sigma (and optionally feats, n, network); check the network key if stored."""
@@ -136,6 +144,7 @@ def load_stats(path: str | Path, key: str | None = None) -> dict:
     stats["network"] = stored
     stats["n"] = int(stats.get("n", 0))
     return stats
+
 
 def reference_stats(ref: str | Path | torch.Tensor, net: Callable[[torch.Tensor], torch.Tensor], key: str,
                     split: str = "train", max_n: int | None = None, batch_size: int = 64,
@@ -166,6 +175,7 @@ def reference_stats(ref: str | Path | torch.Tensor, net: Callable[[torch.Tensor]
     if cache is not None:
         save_stats(cache, stats)
     return stats
+
 
 def evaluate(samples: str | Path | torch.Tensor, ref: str | Path | torch.Tensor,
              metrics: Sequence[str] = ("fid", "kid", "pr"), labels: np.ndarray | str | Path | None = None,
@@ -202,6 +212,7 @@ def evaluate(samples: str | Path | torch.Tensor, ref: str | Path | torch.Tensor,
     res["seconds"] = round(time.time() - start, 1)
     return res
 
+
 def _inception_metrics(images, ref, metrics: Sequence[str], inception: str | None, ref_split: str,
                        ref_max_n: int | None, batch_size: int, dev: torch.device) -> dict:
     """FID, KID, precision/recall and IS on Inception features of the samples against the reference."""
@@ -231,6 +242,7 @@ def _inception_metrics(images, ref, metrics: Sequence[str], inception: str | Non
                   "pass NVIDIA's inception-2015-12-05.pt as --inception to get it", file=sys.stderr)
     return res
 
+
 def _classifier_metrics(images, labels, ref, metrics: Sequence[str], classifier_dir, ref_split: str,
                         ref_max_n: int | None, batch_size: int, dev: torch.device) -> dict:
     """Class accuracy and the classifier-feature FID (dfid) with the dataset's small classifier."""
@@ -257,6 +269,7 @@ def _classifier_metrics(images, labels, ref, metrics: Sequence[str], classifier_
 _COLUMNS = [("fid", "FID"), ("kid", "KID x1e3"), ("is", "IS"), ("pr", "precision"), ("pr", "recall"),
             ("acc", "acc"), ("dfid", "dFID")]
 
+
 def _cell(res: dict, label: str) -> str:
     def num(k: str, fmt: str, scale: float = 1.0) -> str:
         return "n/a" if res.get(k) is None else format(res[k] * scale, fmt)
@@ -269,12 +282,14 @@ def _cell(res: dict, label: str) -> str:
              "dFID": num("dfid", ".2f")}
     return cells[label]
 
+
 def markdown_table(res: dict, metrics: Sequence[str], header: bool = True) -> str:
     """A Markdown table row (with header lines if `header`) for the requested metrics."""
     labels = ["samples", "n"] + [label for m, label in _COLUMNS if m in metrics]
     row = [res.get("samples", ""), str(res.get("n_samples", ""))] + [_cell(res, lab) for lab in labels[2:]]
     lines = ["| " + " | ".join(labels) + " |", "|" + "---|" * len(labels)] if header else []
     return "\n".join(lines + ["| " + " | ".join(row) + " |"])
+
 
 def plot_metric_curve(xs: Sequence[float] | Sequence[Sequence[float]], ys: Sequence[float] | Sequence[Sequence[float]],
                       xlabel: str, ylabel: str, out_png: str | Path, labels: Sequence[str] | None = None,

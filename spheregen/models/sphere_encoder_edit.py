@@ -26,6 +26,7 @@ def _trace(model: SphereEncoder, x: torch.Tensor, labels, steps: int, r: float, 
     model.refine(x, labels, steps, r, gamma, cfg, cfg_position, shared_noise=True, seeds=seeds, trace=out)
     return out
 
+
 @torch.no_grad()
 def manipulate(model: SphereEncoder, x: torch.Tensor, labels: torch.Tensor, steps: int = 4, r: float = 1.0,
                gamma: float = 0.0, cfg: float = 1.0, cfg_position: str = "combo", seed: int = 0) -> list[torch.Tensor]:
@@ -34,6 +35,7 @@ def manipulate(model: SphereEncoder, x: torch.Tensor, labels: torch.Tensor, step
     return _trace(model, x, labels, steps, r, gamma, cfg, cfg_position, [seed + k for k in range(len(x))])
 
 STITCH_MODES = ("left-right", "top-bottom", "center", "quadrants", "diagonal")
+
 
 def stitch_mask(h: int, w: int, mode: str = "left-right") -> torch.Tensor:
     """[h, w] bool, True where the composite takes A: A's left half, top half, everything but B's centre square
@@ -46,9 +48,11 @@ def stitch_mask(h: int, w: int, mode: str = "left-right") -> torch.Tensor:
         raise UserError(f"stitch mode must be one of {', '.join(STITCH_MODES)}, got {mode!r}")
     return masks[mode]
 
+
 def stitch(xa: torch.Tensor, xb: torch.Tensor, mode: str = "left-right") -> torch.Tensor:
     """The composite of A and B (default: left half of A next to the right half of B)."""
     return torch.where(stitch_mask(xa.shape[-2], xa.shape[-1], mode).to(xa.device), xa, xb)
+
 
 @torch.no_grad()
 def crossover(model: SphereEncoder, xa: torch.Tensor, xb: torch.Tensor, steps: int = 10, r: float = 0.25,
@@ -58,6 +62,7 @@ def crossover(model: SphereEncoder, xa: torch.Tensor, xb: torch.Tensor, steps: i
     model.check_labels(labels)
     x = stitch(xa, xb, mode)
     return [x] + _trace(model, x, labels, steps, r, gamma, 1.0, "combo", [seed + k for k in range(len(x))])
+
 
 def slerp(va: torch.Tensor, vb: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     """Great-circle interpolation between two latents of equal norm, one output per t in ts: [len(ts), ...]."""
@@ -70,6 +75,7 @@ def slerp(va: torch.Tensor, vb: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     else:
         out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     return spherify(out.to(va.dtype).view(len(ts), *va.shape))  # exact radius sqrt(L) despite rounding
+
 
 @torch.no_grad()
 def interpolate(model: SphereEncoder, xa: torch.Tensor, xb: torch.Tensor, n: int = 8,
@@ -88,6 +94,7 @@ def interpolate(model: SphereEncoder, xa: torch.Tensor, xb: torch.Tensor, n: int
 # -- noise interpolation (Fig. 6) ---------------------------------------------------------------------
 NOISE_MODES = ("lerp", "slerp", "bilinear")
 
+
 def interp_weights(mode: str, n: int) -> torch.Tensor:
     """Corner weights per frame: lerp / slerp [n, 2] = (1 - t, t), t = linspace(0, 1, n); bilinear [n * n, 4]
     = ((1 - u)(1 - v), u (1 - v), (1 - u) v, u v) row-major (v down the rows, u along them)."""
@@ -98,6 +105,7 @@ def interp_weights(mode: str, n: int) -> torch.Tensor:
         raise UserError(f"noise interpolation mode must be one of {', '.join(NOISE_MODES)}, got {mode!r}")
     v, u = (g.flatten() for g in torch.meshgrid(t, t, indexing="ij"))
     return torch.stack([(1 - u) * (1 - v), u * (1 - v), (1 - u) * v, u * v], dim=1)
+
 
 def interp_noise(ends: torch.Tensor, weights: torch.Tensor, mode: str = "lerp") -> torch.Tensor:
     """Input noise per frame [F, R, N, d] from corners ends [R, K, N, d]: sum_k w_k e_k (lerp: a (1 - t) + b t,
@@ -113,6 +121,7 @@ def interp_noise(ends: torch.Tensor, weights: torch.Tensor, mode: str = "lerp") 
     t = weights[:, 1].double().view(-1, 1, 1, 1)
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     return out.to(ends.dtype)
+
 
 @torch.no_grad()
 def noise_interpolate(model: SphereEncoder, ends: torch.Tensor, classes: torch.Tensor | None, weights: torch.Tensor,
