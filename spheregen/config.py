@@ -7,6 +7,7 @@ to them), so `--config mnist_tiny` works from any directory; a path to any TOML 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 import types
 import typing
@@ -126,6 +127,15 @@ def load_toml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return data
+
+
+def installed_file(package: str, *parts: str) -> Path | None:
+    """A data file shipped inside an installed package (found without importing it), or None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]).joinpath(*parts)
+    return path if path.is_file() else None
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

@@ -13,7 +13,6 @@ the LPIPS linear heads from the `lpips` wheel's weights/v0.1/vgg.pth. Neither pa
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spheregen.config import installed_file
 from spheregen.errors import UserError
 
 # torchvision's vgg16().features: conv indices (in, out) and where the max-pools are.
@@ -45,11 +45,9 @@ def say_once(message: str) -> None:
 
 def lpips_heads_path() -> Path:
     """weights/v0.1/vgg.pth inside the installed `lpips` wheel (found, never imported)."""
-    spec = importlib.util.find_spec("lpips")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / "vgg.pth"
-        if path.is_file():
-            return path
+    path = installed_file("lpips", "weights", "v0.1", "vgg.pth")
+    if path is not None:
+        return path
     raise UserError("LPIPS linear heads not found: install them with `pip install --no-deps lpips==0.1.4`, "
                     "or set model.perceptual = \"ssim\" or \"none\"")
 

