@@ -24,7 +24,8 @@ from spheregen.checkpoint import PretrainedMixin, register_model
 from spheregen.config import from_dict
 from spheregen.errors import UserError, check_choice, check_class_ids
 from spheregen.layers import Block, KVCache, RMSNorm, drop_labels, grid_positions, rope_angles, swiglu_hidden
-from spheregen.models.flow_head import SAMPLERS, FlowHead, guided_velocity, noise_draws, solve
+from spheregen.models.flow_head import SAMPLERS
+from spheregen.models.heads import FLOW_TYPES, build_head
 from spheregen.sphere import project
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -82,6 +83,7 @@ class ARConfig:
     head_depth: int = 6
     head_width: int = 768
     head_adaln: int = 2  # shared AdaLN linears, each used by head_depth / head_adaln blocks
+    flow: str = "euclidean"  # the head's flow (models/heads.py): "euclidean" rectified flow (the paper)
     # training
     class_dropout: float = 0.1
     diff_batch_mul: int = 4  # independent (t, eps) draws per target token
@@ -112,13 +114,13 @@ class SphereAR(PretrainedMixin, nn.Module):
         self.cls_embedding = nn.Embedding(c.num_classes + 1, c.n_cls_tokens * c.dim)
         self.proj_in = nn.Linear(c.token_dim, c.dim)
         self.emb_norm = RMSNorm(c.dim)
-        if c.first_token not in FIRST_TOKEN_MODES:
-            raise UserError(f"model.first_token must be one of {', '.join(FIRST_TOKEN_MODES)}, got {c.first_token!r}")
+        check_choice("model.first_token", c.first_token, FIRST_TOKEN_MODES)
         hidden = c.mlp_hidden or swiglu_hidden(c.dim, c.mlp_multiple_of)
         self.blocks = nn.ModuleList(Block(c.dim, c.n_heads, hidden) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim)
         self.pos_for_diff = nn.Embedding(self.seq_len, c.dim)  # the target token's position, added before the head
-        self.head = FlowHead(c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln)
+        check_choice("model.flow", c.flow, FLOW_TYPES)
+        self.head = build_head(c.flow, c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln)
         # RoPE: class tokens at (0, 0); input latent k at its own patch centre (col + 1.5, row + 1.5)
         head_dim = c.dim // c.n_heads
         patches = rope_angles(grid_positions(*c.grid, offset=1.5), head_dim, c.rope_theta)
@@ -236,7 +238,7 @@ class SphereAR(PretrainedMixin, nn.Module):
                     h = self._run(seq)[:, -1]
                 scale = cfg_scale(cfg, k, T, cfg_schedule) if guided else None
                 split = independent and scale == 1.0  # the authors' token 0: rows not mixed at s_k = 1
-                noise_k = noise[k] if noise is not None else seeded_noise(gens, noise_draws(sampler, steps),
+                noise_k = noise[k] if noise is not None else seeded_noise(gens, self.head.noise_draws(sampler, steps),
                                                                           c.token_dim, 2 if split else 1)
                 z = self.solve_token(h + self.pos_for_diff.weight[k], noise_k.to(device), None if split else scale,
                                      sampler, steps, temperature)
@@ -260,7 +262,7 @@ class SphereAR(PretrainedMixin, nn.Module):
         scale None: every row is solved on its own with its noise row, noise [R, draws, d] -> [R, d].
         scale s: h = [h_cond; h_null] (R = 2B) share noise [B, draws, d]; guided velocity -> [B, d].
         """
-        z = solve(guided_velocity(self.head, h, scale), noise, sampler, steps, temperature)
+        z = self.head.sample(h, noise, scale, sampler, steps, temperature)
         if self.config.project_outputs:
             # Important: project onto the radius-R sphere after the solve and after CFG, for both the
             # next AR input and the decoder (SphereAR Sec. 3.2); never inside the solver.

@@ -100,6 +100,20 @@ class FlowHead(nn.Module):
         v = self(xt, t, h).float()
         return (v - (x1 - eps)).pow(2).mean()
 
+    def noise_draws(self, sampler: str, steps: int) -> int:
+        """Standard-normal vectors per token that `sample` consumes with this sampler and step count."""
+        return noise_draws(sampler, steps)
+
+    def sample(self, h: torch.Tensor, noise: torch.Tensor, scale: float | None, sampler: str = "euler_maruyama",
+               steps: int = 100, temperature: float = 1.0) -> torch.Tensor:
+        """One token per row from head conditions h: the flow solved from noise (see `solve`).
+
+        scale None: h [R, C], noise [R, draws, d] -> [R, d], every row on its own.
+        scale s: h = [h_cond; h_null] [2B, C] sharing noise [B, draws, d]; guided velocity -> [B, d].
+        Projection onto the sphere is the caller's (SphereAR.solve_token), after the solve and after CFG.
+        """
+        return solve(guided_velocity(self, h, scale), noise, sampler, steps, temperature)
+
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 

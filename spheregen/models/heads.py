@@ -1,0 +1,19 @@
+"""The flow heads SphereAR can use, by `model.flow`; each owns its network, its loss and its sampler
+(`loss(x1, h, batch_mul)`, `noise_draws(sampler, steps)`, `sample(h, noise, scale, sampler, steps, temperature)`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from spheregen.models.flow_head import FlowHead
+
+HEADS: dict[str, type[nn.Module]] = {
+    "euclidean": FlowHead,  # rectified flow in R^d from Gaussian noise (SphereAR Sec. 3.2, Eq. 7-9)
+}
+FLOW_TYPES = tuple(HEADS)
+
+
+def build_head(flow: str, token_dim: int, cond_dim: int, width: int, depth: int, n_adaln: int) -> nn.Module:
+    """The head for `flow` (one of FLOW_TYPES) with the MLP-AdaLN network of flow_head.FlowHead."""
+    return HEADS[flow](token_dim, cond_dim, width, depth, n_adaln)
