@@ -2,6 +2,9 @@
 
 - `project(z, R)`    N_R(z) = R z / max(||z||_2, eps) per token (SphereAR, Sec. 3.2 and App. A).
 - `spherify(z)`      global RMS normalisation, ||f(z)|| = sqrt(L) per sample (Sphere Encoder, Eq. 1).
+- `tangent`, `exp_map`, `log_map`, `geodesic` / `slerp`, `transport`: the Riemannian geometry of S^{d-1}(R)
+  (tangent projection, exponential and log maps, constant-speed great circles, parallel transport) for the
+  Riemannian flow head (models/riemannian_head.py).
 - `PowerSpherical`   the Power Spherical distribution (De Cao & Aziz, 2020), the S-VAE posterior.
 - `HypersphericalUniform` the uniform prior on S^{d-1}.
 
@@ -38,6 +41,95 @@ def project(z: torch.Tensor, radius: float, eps: float = 1e-7) -> torch.Tensor:
     zf = z.to(_compute_dtype(z.dtype))
     norm = zf.norm(dim=-1, keepdim=True).clamp_min(eps)
     return (radius * zf / norm).to(z.dtype)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1, keepdim=True)
+
+
+def tangent(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """P_x v = v - (<v, x> / <x, x>) x: the orthogonal projection of v onto T_x S = {u : <u, x> = 0}."""
+    cdt = _compute_dtype(v.dtype)
+    xf, vf = x.to(cdt), v.to(cdt)
+    return (vf - _dot(vf, xf) / _dot(xf, xf).clamp_min(1e-30) * xf).to(v.dtype)
+
+
+def exp_map(x: torch.Tensor, v: torch.Tensor, radius: float, eps: float = 1e-7) -> torch.Tensor:
+    """exp_x(v) = cos(|v|/R) x + R sin(|v|/R) v/|v| on S^{d-1}(R), for x on the sphere and v in T_x
+    (Chen & Lipman 2023, Sec. 3): the point reached after arc length |v| along the great circle leaving x in
+    direction v. At |v| -> 0 the factor R sin(|v|/R)/|v| -> 1 (used below eps). The result is renormalised to
+    radius R, which only removes floating-point rounding (it is on the sphere in exact arithmetic)."""
+    cdt = _compute_dtype(x.dtype)
+    xf, vf = x.to(cdt), v.to(cdt)
+    n = vf.norm(dim=-1, keepdim=True)
+    a = n / radius  # the angle swept
+    small = n < eps
+    factor = torch.where(small, torch.ones_like(n), radius * torch.sin(a) / torch.where(small, 1.0, n))
+    return project(torch.cos(a) * xf + factor * vf, radius).to(x.dtype)
+
+
+def _antipodal_direction(xf: torch.Tensor) -> torch.Tensor:
+    """A unit tangent at x, deterministic: the coordinate axis least aligned with x, projected onto T_x."""
+    axis = torch.zeros_like(xf).scatter_(-1, xf.abs().argmin(-1, keepdim=True), 1.0)
+    return project(tangent(xf, axis), 1.0)
+
+
+def log_map(x: torch.Tensor, y: torch.Tensor, radius: float, eps: float = 1e-6) -> torch.Tensor:
+    """log_x(y) = R theta w/|w| for x, y on S^{d-1}(R): with unit x' = x/R, y' = y/R, w = y' - <x', y'> x'
+    (|w| = sin theta) and the angle theta = atan2(|w|, <x', y'>) (accurate at every angle, unlike arccos near
+    0 and pi). The tangent at x of length R theta (the geodesic distance) pointing along the great circle to y;
+    the inverse of exp_map for theta < pi.
+    Near-identical points (|w| < eps R): log = w (theta / sin theta -> 1). Antipodal points (theta -> pi, no
+    unique geodesic): length pi R along a fixed tangent direction (`_antipodal_direction`)."""
+    cdt = _compute_dtype(x.dtype)
+    xf, yf = x.to(cdt), y.to(cdt)
+    xu, yu = xf / radius, yf / radius  # unit vectors
+    cos = _dot(xu, yu)
+    w = yu - cos * xu  # the part of y tangent at x, |w| = sin theta
+    sin = w.norm(dim=-1, keepdim=True)
+    theta = torch.atan2(sin, cos)
+    small = sin < eps
+    direction = torch.where(small, _antipodal_direction(xf), w / torch.where(small, 1.0, sin))
+    out = torch.where(small & (cos > 0), w, theta * direction)
+    return (radius * out).to(x.dtype)
+
+
+def geodesic(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor | float,
+             radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The constant-speed geodesic from x0 (t = 0) to x1 (t = 1) on S^{d-1}(R) and its velocity:
+    x_t = exp_{x0}(t log_{x0}(x1)),  dx_t/dt = R theta (-sin(t theta) x0/R + cos(t theta) u)
+    with u = log_{x0}(x1)/|log_{x0}(x1)| and theta the angle between x0 and x1 (Chen & Lipman 2023, Eq. 14 with
+    the geodesic distance as premetric). For 0 < theta < pi, x_t equals slerp: (sin((1-t) theta) x0 +
+    sin(t theta) x1) / sin theta. t: a float or a tensor broadcasting against x0[..., :1]."""
+    cdt = _compute_dtype(x0.dtype)
+    x0f = x0.to(cdt)
+    t = torch.as_tensor(t, dtype=cdt, device=x0.device)
+    t = t.unsqueeze(-1) if t.dim() == x0.dim() - 1 else t
+    v0 = log_map(x0f, x1.to(cdt), radius)
+    speed = v0.norm(dim=-1, keepdim=True)  # R theta
+    a = t * speed / radius  # the angle travelled by time t
+    u = v0 / speed.clamp_min(1e-30)
+    xt = project(torch.cos(a) * x0f + radius * torch.sin(a) * u, radius)
+    vt = speed * (torch.cos(a) * u - torch.sin(a) * x0f / radius)
+    return xt.to(x0.dtype), vt.to(x0.dtype)
+
+
+def transport(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, radius: float) -> torch.Tensor:
+    """Parallel transport of v in T_x to T_y along the great circle from x to y (theta < pi): with
+    u = log_x(y)/|log_x(y)| and theta = |log_x(y)|/R, the part of v along u turns with the circle,
+    Gamma v = v + <u, v> ((cos theta - 1) u - sin theta x/R); the rest of v is unchanged. An isometry T_x -> T_y."""
+    cdt = _compute_dtype(v.dtype)
+    xf, vf = x.to(cdt), v.to(cdt)
+    lg = log_map(xf, y.to(cdt), radius)
+    dist = lg.norm(dim=-1, keepdim=True)
+    u = lg / dist.clamp_min(1e-30)
+    theta = dist / radius
+    return (vf + _dot(u, vf) * ((torch.cos(theta) - 1) * u - torch.sin(theta) * xf / radius)).to(v.dtype)
+
+
+def slerp(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor | float, radius: float) -> torch.Tensor:
+    """Geodesic interpolation on S^{d-1}(R): the point at fraction t of the way from x0 to x1 (see `geodesic`)."""
+    return geodesic(x0, x1, t, radius)[0]
 
 
 def spherify(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
