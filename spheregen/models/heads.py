@@ -7,13 +7,19 @@ from __future__ import annotations
 from torch import nn
 
 from spheregen.models.flow_head import FlowHead
+from spheregen.models.riemannian_head import RiemannianFlowHead
 
 HEADS: dict[str, type[nn.Module]] = {
     "euclidean": FlowHead,  # rectified flow in R^d from Gaussian noise (SphereAR Sec. 3.2, Eq. 7-9)
+    "riemannian": RiemannianFlowHead,  # geodesic flow on S^{d-1}(R) from the uniform law (Chen & Lipman 2023)
 }
 FLOW_TYPES = tuple(HEADS)
 
 
-def build_head(flow: str, token_dim: int, cond_dim: int, width: int, depth: int, n_adaln: int) -> nn.Module:
-    """The head for `flow` (one of FLOW_TYPES) with the MLP-AdaLN network of flow_head.FlowHead."""
-    return HEADS[flow](token_dim, cond_dim, width, depth, n_adaln)
+def build_head(flow: str, token_dim: int, cond_dim: int, width: int, depth: int, n_adaln: int,
+               radius: float = 1.0) -> nn.Module:
+    """The head for `flow` (one of FLOW_TYPES) with the MLP-AdaLN network of flow_head.FlowHead; a head class
+    with `needs_radius` also gets the tokens' sphere radius R."""
+    cls = HEADS[flow]
+    extra = {"radius": radius} if getattr(cls, "needs_radius", False) else {}
+    return cls(token_dim, cond_dim, width, depth, n_adaln, **extra)
