@@ -83,7 +83,8 @@ class ARConfig:
     head_depth: int = 6
     head_width: int = 768
     head_adaln: int = 2  # shared AdaLN linears, each used by head_depth / head_adaln blocks
-    flow: str = "euclidean"  # the head's flow (models/heads.py): "euclidean" rectified flow (the paper)
+    flow: str = "euclidean"  # the head's flow (models/heads.py): "euclidean" rectified flow (the paper), or
+    # "riemannian" flow matching on the radius-R sphere (the paper's future work)
     # training
     class_dropout: float = 0.1
     diff_batch_mul: int = 4  # independent (t, eps) draws per target token
@@ -120,7 +121,7 @@ class SphereAR(PretrainedMixin, nn.Module):
         self.norm = RMSNorm(c.dim)
         self.pos_for_diff = nn.Embedding(self.seq_len, c.dim)  # the target token's position, added before the head
         check_choice("model.flow", c.flow, FLOW_TYPES)
-        self.head = build_head(c.flow, c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln)
+        self.head = build_head(c.flow, c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln, c.radius)
         # RoPE: class tokens at (0, 0); input latent k at its own patch centre (col + 1.5, row + 1.5)
         head_dim = c.dim // c.n_heads
         patches = rope_angles(grid_positions(*c.grid, offset=1.5), head_dim, c.rope_theta)
