@@ -39,14 +39,16 @@ STEPS = (1, 2, 4, 6)
 CFG_SCALE = 2.0
 
 
-def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str, ds) -> dict:
+def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str, ds, config: str = CONFIG,
+            arms: dict = ARMS, reference: str = REFERENCE) -> dict:
+    """Train (or reuse) one arm of `arms` on `config` and score it; other configs reuse this (sphere_rgb.py)."""
     from spheregen.cli.demo import train_or_resume
     from spheregen.generation import load_generator
     from spheregen.images import psnr
 
-    sets = [a for s in ARMS[arm] + [f"train.ckpt_every={budget.sphere_steps}", "train.eval_every=0"]
+    sets = [a for s in arms[arm] + [f"train.ckpt_every={budget.sphere_steps}", "train.eval_every=0"]
             for a in ("--set", s)]
-    ckpt = train_or_resume("sphere", CONFIG, data, runs / arm, budget.sphere_steps, *sets, "--device", device)
+    ckpt = train_or_resume("sphere", config, data, runs / arm, budget.sphere_steps, *sets, "--device", device)
     model = load_generator(str(ckpt), device=device)
     cells = harness.Cells(runs / arm, budget)
     labels = harness.class_labels(ds.num_classes, budget.per_class)
@@ -64,7 +66,7 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
         return {"psnr": psnr(rec, x).mean().item(), "n": len(x)}
 
     settings = [(t, 1.0, "combo", True) for t in STEPS]
-    if arm == REFERENCE:  # CFG at each position, and fresh noise at every step instead of one shared draw
+    if arm == reference:  # CFG at each position, and fresh noise at every step instead of one shared draw
         settings += [(4, CFG_SCALE, pos, True) for pos in ("pixel", "latent", "combo")] + [(4, 1.0, "combo", False)]
     table = []
     for steps, cfg, pos, shared in settings:
@@ -79,7 +81,7 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
 
         table.append(cells.get(key, cell))
     rec = cells.get("reconstruction", recon)
-    return {"arm": arm, "overrides": ARMS[arm], "checkpoint": str(ckpt), "recon_psnr": rec["psnr"], "cells": table}
+    return {"arm": arm, "overrides": arms[arm], "checkpoint": str(ckpt), "recon_psnr": rec["psnr"], "cells": table}
 
 
 def main(argv: list[str] | None = None) -> int:
