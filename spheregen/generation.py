@@ -9,6 +9,7 @@ and `num_classes` (0 = unconditional). Image k of a run uses seed `seed + k`, wh
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from spheregen.checkpoint import CONFIG_FILE, latest_checkpoint
+from spheregen.checkpoint import CONFIG_FILE, latest_checkpoint, read_config
 from spheregen.engine import dist
 from spheregen.errors import UserError
 from spheregen.images import to_pil, to_uint8
 from spheregen.interop.hub import resolve_checkpoint as resolve_foreign
 from spheregen.models import load_model
+
+DEFAULT_SAMPLING_KEY = "default_sampling"  # config.json: the sampling settings a checkpoint recommends
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -60,6 +63,7 @@ def load_generator(ckpt: str | Path, tokenizer: str | None = None,
     when it needs one (the tokenizer recorded in the checkpoint, relative to it, unless `tokenizer` is given)."""
     ckpt = resolve_checkpoint(ckpt)
     model = load_model(ckpt).eval().to(device)
+    model.default_sampling = dict(read_config(ckpt).get(DEFAULT_SAMPLING_KEY) or {})
     if not hasattr(model, "generate_images"):
         raise UserError(f"{ckpt} holds a {model.model_type} model, which does not generate images; pass an AR or "
                         "Sphere Encoder checkpoint")
@@ -74,6 +78,19 @@ def load_generator(ckpt: str | Path, tokenizer: str | None = None,
             raise UserError(f"{ckpt} does not record its tokenizer; pass --tokenizer CKPT")
         model.attach_decoder(load_tokenizer(path, device=device))
     return model
+
+
+def store_default_sampling(ckpt: str | Path, options: dict) -> Path:
+    """Record sampling settings (fields of the model's sampling dataclass) in a checkpoint's config.json as its
+    defaults: `load_generator` attaches them as `model.default_sampling` and `spheregen sample` starts from
+    them (flags still override). The file is replaced atomically."""
+    ckpt = resolve_checkpoint(ckpt)
+    config = read_config(ckpt)
+    config[DEFAULT_SAMPLING_KEY] = dict(options)
+    tmp = ckpt / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, ckpt / CONFIG_FILE)
+    return ckpt
 
 
 def sample_images(model, labels: list[int], seed: int, batch_size: int, options,

@@ -49,6 +49,17 @@ def sampling_options(args: argparse.Namespace, model_type: str) -> dict:
     return options
 
 
+def with_defaults(model, options: dict, quiet: bool = False) -> dict:
+    """The checkpoint's recorded default sampling settings (e.g. from `spheregen demo`'s guidance sweep) under
+    the flags the user set."""
+    defaults = dict(getattr(model, "default_sampling", None) or {})
+    if defaults and not quiet:
+        shown = ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in options)
+        if shown:
+            print(f"the checkpoint's default sampling settings: {shown}")
+    return {**defaults, **options}
+
+
 def parse_classes(text: str | None, num_classes: int) -> list[int]:
     """'0,3,7' -> [0, 3, 7]; None -> every class ([0] for an unconditional model). Range-checked."""
     if num_classes == 0:
@@ -92,7 +103,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     _check_outputs(args)
     device = default_device(args.device)
     model = load_generator(args.ckpt, args.tokenizer, device)
-    options = model.sampling_options(sampling_options(args, model.model_type))
+    options = model.sampling_options(with_defaults(model, sampling_options(args, model.model_type), args.quiet))
     autocast = precision_autocast(device, args.precision or "fp32")
     if args.compile:
         compile_model(model)
