@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DATA   ?= data
+DATA_DIR ?= data
 STAMP  := $(VENV)/.installed
+# `make demo DATA=PATH`: an image folder (one subfolder per class, or flat) or a dataset dir; MINUTES: the budget,
+# counted from when make starts (the bootstrap included)
+DATA    ?= $(DATA_DIR)/mnist28
+MINUTES ?= 15
+OUT     ?= $(if $(filter $(DATA_DIR)/mnist28,$(DATA)),runs/demo,runs/demo-$(notdir $(abspath $(DATA))))
+START   := $(shell date +%s)
 
 .PHONY: venv demo demo-sphere test test-all lint clean data app
 
@@ -20,21 +26,22 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-$(DATA)/mnist28/images.npy: $(STAMP)
-	$(VENV)/bin/spheregen data mnist --size 28 --out $(DATA)/mnist28
+$(DATA_DIR)/mnist28/images.npy: $(STAMP)
+	$(VENV)/bin/spheregen data mnist --size 28 --out $(DATA_DIR)/mnist28
 
-$(DATA)/mnist32/images.npy: $(STAMP)
-	$(VENV)/bin/spheregen data mnist --size 32 --out $(DATA)/mnist32
+$(DATA_DIR)/mnist32/images.npy: $(STAMP)
+	$(VENV)/bin/spheregen data mnist --size 32 --out $(DATA_DIR)/mnist32
 
-data: $(DATA)/mnist28/images.npy $(DATA)/mnist32/images.npy
+data: $(DATA_DIR)/mnist28/images.npy $(DATA_DIR)/mnist32/images.npy
 
-# SphereAR on MNIST: tokenizer -> latent cache -> AR -> a grid of samples, one row per class.
-demo: data
-	$(VENV)/bin/spheregen demo --data $(DATA)/mnist28 --out runs/demo --tokenizer-steps 1000
+# SphereAR on MNIST (or DATA): tokenizer -> latent cache -> AR, fitted to MINUTES; a guidance sweep picks the
+# checkpoint's default sampling; a grid of samples (one row per class) and runs/demo/report.md.
+demo: $(STAMP) $(if $(filter $(DATA_DIR)/mnist28,$(DATA)),$(DATA_DIR)/mnist28/images.npy)
+	$(VENV)/bin/spheregen demo --data $(DATA) --out $(OUT) --minutes $(MINUTES) --started-at $(START)
 
-# The Sphere Encoder on MNIST-32, grids at 1 and 4 steps and a guided one (a second command: it trains for longer).
+# The Sphere Encoder on MNIST-32 (a second command: it needs longer, 45 minutes by default).
 demo-sphere: data
-	$(VENV)/bin/spheregen demo --model sphere --data $(DATA)/mnist32 --out runs/demo
+	$(VENV)/bin/spheregen demo --model sphere --data $(DATA_DIR)/mnist32 --out runs/demo --minutes 45
 
 # The web app's extra (Gradio) on top of the venv; then `$(VENV)/bin/spheregen serve --ckpt CKPT [--ckpt ...]`.
 APP_STAMP := $(VENV)/.installed-app
