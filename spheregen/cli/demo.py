@@ -80,7 +80,10 @@ def make_plan(args: argparse.Namespace, ds: ImageDataset, data_dir: Path, out: P
         raise UserError(f"--minutes {args.minutes:g} leaves {max(left, 0):.0f} s after the data is ready; "
                         "give the demo at least a few minutes")
     configs = budget.derive_configs(args.model, ds.image_size, ds.channels, data_dir)
-    shares = STAGE_SHARES[args.model]
+    budget.apply_overrides(configs, args.set)
+    shares = dict(STAGE_SHARES[args.model])
+    if args.model == "sphere_ar" and args.tokenizer_share is not None:
+        shares = {"tokenizer": args.tokenizer_share, "ar": 1 - args.tokenizer_share}
     train_s = left * (1 - SWEEP_SHARE - (ENCODE_SHARE if args.model == "sphere_ar" else 0))
     fixed = {"tokenizer": args.tokenizer_steps, "ar": args.steps, "sphere": args.steps}
     print(f"planning: measuring the step time of each stage on {budget.PROBE_STEPS} steps ...", flush=True)
@@ -199,6 +202,8 @@ def run_demo(args: argparse.Namespace) -> int:
     start = args.started_at or time.time()
     if not args.minutes > 0:
         raise UserError(f"--minutes must be positive, got {args.minutes:g}")
+    if args.tokenizer_share is not None and not 0 < args.tokenizer_share < 1:
+        raise UserError(f"--tokenizer-share must be between 0 and 1, got {args.tokenizer_share:g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock(out / f"timings_{args.model}.json")
@@ -251,5 +256,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p.add_argument("--tokenizer-steps", type=int, help="training steps of the tokenizer (default: fit the budget)")
     p.add_argument("--sweep-per-class", type=int, help="samples per class for each guidance setting of the sweep "
                                                        "(default: fit the budget)")
+    p.add_argument("--tokenizer-share", type=float, help="the tokenizer's share of SphereAR's training time "
+                                                          f"(default {STAGE_SHARES['sphere_ar']['tokenizer']})")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=VALUE",
+                   help="override a derived config value, e.g. --set ar.train.lr=2e-3 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo of this model in --out")
     p.set_defaults(func=run_demo)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from spheregen.config import from_dict, load_config
+from spheregen.config import from_dict, load_config, parse_override
 from spheregen.data.datasets import ImageDataset
 from spheregen.engine.trainer import TrainConfig, Trainer
+from spheregen.errors import UserError
 from spheregen.models.ar import ARConfig, SphereAR
 from spheregen.models.sphere_encoder import SphereEncoder
 from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
@@ -40,6 +41,16 @@ class StagePlan:
         return self.steps * self.step_s
 
 
+def apply_overrides(configs: dict[str, dict], overrides: list[str]) -> dict[str, dict]:
+    """`stage.section.key=value` (TOML values) applied to the derived configs, e.g. ar.train.batch_size=64."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) != 3 or keys[0] not in configs:
+            raise UserError(f"--set {text}: use STAGE.SECTION.KEY=VALUE with STAGE one of {', '.join(configs)}")
+        configs[keys[0]].setdefault(keys[1], {})[keys[2]] = value
+    return configs
+
+
 def derive_configs(model: str, size: int, channels: int, data_dir: str | Path) -> dict[str, dict]:
     """{stage: config} from the shipped tiny configs: grayscale data starts from the MNIST ones, RGB from the
     emoji ones; at 64 px the tokenizer gets a third stride-2 stage and the Sphere Encoder 8 px patches, so both
@@ -58,7 +69,7 @@ def derive_configs(model: str, size: int, channels: int, data_dir: str | Path) -
         ch = list(tok["model"]["channels"])
         tok["model"]["channels"] = [ch[0]] + ch
     tok["data"] = {**tok.get("data", {}), **data}
-    ar = load_config("ar", "mnist_tiny")
+    ar = load_config("ar", "demo_tiny")
     ar["data"] = {**data, "split": "train"}
     return {"tokenizer": tok, "ar": ar}
 

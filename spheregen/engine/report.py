@@ -17,9 +17,9 @@ from spheregen.generation import class_labels, sample_images
 
 # candidates of the sweep (fields of ARSampling / SphereEncoderSampling); the first is unguided
 AR_BASE = {"sampler": "euler_maruyama", "steps": 25}
-AR_CANDIDATES = [{"cfg": 1.0}, {"cfg": 2.0, "cfg_schedule": "constant"}, {"cfg": 3.0, "cfg_schedule": "constant"},
-                 {"cfg": 5.0, "cfg_schedule": "constant"}, {"cfg": 3.0, "cfg_schedule": "linear"},
-                 {"cfg": 6.0, "cfg_schedule": "linear"}]
+AR_CANDIDATES = [{"cfg": 1.0}, {"cfg": 1.0, "temperature": 0.8}, {"cfg": 2.0, "cfg_schedule": "constant"},
+                 {"cfg": 3.0, "cfg_schedule": "constant"}, {"cfg": 5.0, "cfg_schedule": "constant"},
+                 {"cfg": 3.0, "cfg_schedule": "linear"}, {"cfg": 6.0, "cfg_schedule": "linear"}]
 SPHERE_BASE: dict = {}
 SPHERE_CANDIDATES = [{"steps": 1}, {"steps": 4}, {"steps": 4, "cfg": 2.0, "cfg_position": "pixel"},
                      {"steps": 4, "cfg": 3.0, "cfg_position": "pixel"}]
@@ -72,7 +72,8 @@ def describe(options: dict) -> str:
         guide += f" {options['cfg_schedule']}"
     if cfg != 1.0 and "cfg_position" in options:
         guide += f" ({options['cfg_position']})"
-    return f"{guide}, {options.get('steps', '?')} steps"
+    temperature = f", temperature {options['temperature']:g}" if options.get("temperature", 1.0) != 1.0 else ""
+    return f"{guide}, {options.get('steps', '?')} steps{temperature}"
 
 
 def real_reference(data_dir: str | Path, n: int, classifier_acc: float | None) -> dict:
