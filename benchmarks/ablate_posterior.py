@@ -59,16 +59,16 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
     tok_dir = runs / f"tokenizer-{posterior}"
     overrides = ["--set", f"model.posterior={posterior}", "--set", "train.eval_every=0",
                  "--set", f"train.ckpt_every={budget.tokenizer_steps}"]
-    tok = train_or_resume("tokenizer", tokenizer_config(ds.image_size, ds.channels), data, tok_dir,
-                          budget.tokenizer_steps, *overrides, *dev)
+    tok = train_or_resume("tokenizer", tokenizer_config(ds.image_size, ds.channels), tok_dir, "--data", data,
+                          *overrides, *dev, steps=budget.tokenizer_steps)
     latents = runs / f"latents-{posterior}"
     if not (latents / "meta.json").is_file():
         run_spheregen("encode", "--tokenizer", str(tok), "--data", data, "--split", "train", "--out", str(latents),
                       *dev)
     flag = str(proj).lower()
-    ar = train_or_resume("ar", AR_CONFIG, data, runs / f"ar-{arm}", budget.ar_steps, "--latents", str(latents),
+    ar = train_or_resume("ar", AR_CONFIG, runs / f"ar-{arm}", "--data", data, "--latents", str(latents),
                          "--set", f"model.project_inputs={flag}", "--set", f"model.project_outputs={flag}",
-                         "--set", f"train.ckpt_every={budget.ar_steps}", *dev)
+                         "--set", f"train.ckpt_every={budget.ar_steps}", *dev, steps=budget.ar_steps)
 
     cells = harness.Cells(runs / f"ar-{arm}", budget)
     from spheregen.data.datasets import ImageDataset

@@ -48,7 +48,8 @@ def run_arm(arm: str, data: str, runs: Path, budget: harness.Budget, device: str
 
     sets = [a for s in arms[arm] + [f"train.ckpt_every={budget.sphere_steps}", "train.eval_every=0"]
             for a in ("--set", s)]
-    ckpt = train_or_resume("sphere", config, data, runs / arm, budget.sphere_steps, *sets, "--device", device)
+    ckpt = train_or_resume("sphere", config, runs / arm, "--data", data, *sets, "--device", device,
+                           steps=budget.sphere_steps)
     model = load_generator(str(ckpt), device=device)
     cells = harness.Cells(runs / arm, budget)
     labels = harness.class_labels(ds.num_classes, budget.per_class)

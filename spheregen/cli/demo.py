@@ -43,15 +43,16 @@ def run_spheregen(*argv: str) -> None:
         raise UserError(f"demo step failed: spheregen {' '.join(argv)}")
 
 
-def train_or_resume(kind: str, config: str, out: Path, *extra: str) -> Path:
+def train_or_resume(kind: str, config: str, out: Path, *extra: str, steps: int | None = None) -> Path:
     """`spheregen train KIND --config CONFIG` into `out`: skipped when its last checkpoint reached the config's
-    steps, resumed when it holds earlier checkpoints. Returns the last checkpoint."""
+    steps (or `steps`, passed on as --steps), resumed when it holds earlier checkpoints. Returns the last
+    checkpoint."""
     ckpts = list_checkpoints(out)
-    target = load_config(kind, config).get("train", {}).get("steps", 0)
+    target = steps or load_config(kind, config).get("train", {}).get("steps", 0)
     if ckpts and int(ckpts[-1].name.split("_")[1]) >= target:
         print(f"{kind}: using the finished run in {out}")
         return ckpts[-1]
-    argv = ["train", kind, "--config", config, "--out", str(out), *extra]
+    argv = ["train", kind, "--config", config, "--out", str(out), *extra, *(["--steps", str(steps)] if steps else [])]
     run_spheregen(*argv, *(["--resume"] if ckpts else []))
     return list_checkpoints(out)[-1]
 
