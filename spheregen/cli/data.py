@@ -1,4 +1,5 @@
-"""`spheregen data mnist|emoji|folder`: build a dataset directory (spheregen.data.builders)."""
+"""`spheregen data mnist|emoji|folder`: build a dataset directory (spheregen.data.builders), or with
+`folder --lazy` an index over the image files (spheregen.data.lazy) for datasets too large for memory."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def _cmd_emoji(args: argparse.Namespace) -> int:
 
 
 def _cmd_folder(args: argparse.Namespace) -> int:
+    if args.lazy:
+        from spheregen.data.lazy import build_lazy_index
+
+        print(build_lazy_index(args.src, args.out, args.size, args.skip_bad, args.verify, overwrite=args.overwrite))
+        return 0
+    if args.verify:
+        print("--verify only applies with --lazy (without it every image is decoded anyway)")
     print(build_folder(args.src, args.out, args.size, args.skip_bad, overwrite=args.overwrite))
     return 0
 
@@ -55,4 +63,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     _add_out(p)
     p.add_argument("--size", type=int, required=True, help="output size (center crop, then resize)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files instead of failing")
+    p.add_argument("--lazy", action="store_true", help="write an index (paths, labels, classes, sizes) and keep "
+                   "the images as files, decoded while training (ImageNet-sized data; ADM centre crop, or the "
+                   "random crops of train.random_crop)")
+    p.add_argument("--verify", action="store_true", help="with --lazy: decode every file while indexing (slow) "
+                   "instead of reading headers only")
     p.set_defaults(func=_cmd_folder)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from spheregen.config import installed_file
-from spheregen.data.datasets import DATASET_FILES
+from spheregen.data.datasets import DATASET_FILES, LAZY_FILES
 from spheregen.errors import UserError
 from spheregen.images import LANCZOS, center_square_resize, to_rgb_on_white
 
@@ -46,7 +46,7 @@ def _check_out(out: Path, overwrite: bool = False) -> None:
     if not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another --out")
     present = sorted(p.name for p in out.iterdir())
-    foreign = [name for name in present if name not in DATASET_FILES]
+    foreign = [name for name in present if name not in DATASET_FILES + LAZY_FILES]
     if foreign:
         raise UserError(
             f"--out {out} exists and holds files that are not part of a spheregen dataset "
@@ -268,8 +268,15 @@ def find_images(src: Path) -> tuple[list[tuple[Path, int]], list[str], int]:
     return files, classes, len(top_files)
 
 
-def build_folder(src: str | Path, out: str | Path, size: int, skip_bad: bool = False, overwrite: bool = False) -> str:
-    """Any folder of images -> RGB size x size, labelled by first-level subfolder."""
+def bad_image(path: Path, e: Exception, hint: str = "or pass --skip-bad to skip unreadable files") -> UserError:
+    """The one-line error for an image file Pillow cannot read."""
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return UserError(f"cannot read image {path} ({reason}); fix or remove it, {hint}")
+
+
+def folder_files(src: str | Path, out: str | Path, size: int,
+                 overwrite: bool) -> tuple[Path, Path, list[tuple[Path, int]], list[str], int]:
+    """Check the arguments of a folder build and list its files: (src, out, files, classes, ignored)."""
     _check_size(size)
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -278,6 +285,12 @@ def build_folder(src: str | Path, out: str | Path, size: int, skip_bad: bool = F
     files, classes, ignored = find_images(src)
     if not files:
         raise UserError(f"no image files found in {src}; put images in it (or in one subfolder per class)")
+    return src, out, files, classes, ignored
+
+
+def build_folder(src: str | Path, out: str | Path, size: int, skip_bad: bool = False, overwrite: bool = False) -> str:
+    """Any folder of images -> RGB size x size, labelled by first-level subfolder."""
+    src, out, files, classes, ignored = folder_files(src, out, size, overwrite)
     images, labels, skipped = [], [], []
     for path, label in tqdm(files, desc="loading images", disable=None, leave=False):
         try:
@@ -285,9 +298,7 @@ def build_folder(src: str | Path, out: str | Path, size: int, skip_bad: bool = F
             labels.append(label)
         except Exception as e:  # anything a broken or non-image file makes Pillow raise
             if not skip_bad:
-                reason = " ".join(str(e).split()) or type(e).__name__
-                raise UserError(f"cannot read image {path} ({reason}); fix or remove it, "
-                                f"or pass --skip-bad to skip unreadable files") from None
+                raise bad_image(path, e) from None
             skipped.append(path.relative_to(src).as_posix())
     if not images:
         raise UserError(f"no readable images in {src} ({len(skipped)} unreadable files skipped)")

@@ -19,6 +19,21 @@ from spheregen.errors import UserError
 from spheregen.images import from_uint8
 
 DATASET_FILES = ("images.npy", "labels.npy", "classes.json", "meta.json")
+LAZY_FILES = ("paths.bin", "offsets.npy", "labels.npy", "sizes.npy", "classes.json", "meta.json")  # data/lazy.py
+
+
+def split_indices(n: int, split: str, test_fraction: float) -> np.ndarray:
+    """Sorted positions of `split` among n items: the last round(n test_fraction) entries of a fixed permutation
+    (numpy seed 0) are the test set."""
+    if split not in ("all", "train", "test"):
+        raise UserError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if split == "all":
+        return np.arange(n)
+    perm = np.random.RandomState(0).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[: n - n_test] if split == "train" else perm[n - n_test:])
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -36,10 +51,6 @@ class ImageDataset(torch.utils.data.Dataset):
             raise UserError(f"{self.root} is not a complete spheregen dataset "
                             f"(missing {', '.join(missing)}); "
                             f"build it with `spheregen data mnist|emoji|folder ... --out {self.root}`")
-        if split not in ("all", "train", "test"):
-            raise UserError(f"split must be 'all', 'train' or 'test', got {split!r}")
-        if not 0.0 <= test_fraction < 1.0:
-            raise UserError(f"test_fraction must be in [0, 1), got {test_fraction}")
         self.classes: list[str] = json.loads((self.root / "classes.json").read_text(encoding="utf-8"))
         self.meta: dict = json.loads((self.root / "meta.json").read_text(encoding="utf-8"))
         self.all_labels = np.load(self.root / "labels.npy")
@@ -48,11 +59,7 @@ class ImageDataset(torch.utils.data.Dataset):
             raise UserError(f"{self.root}: images.npy and labels.npy disagree "
                             f"({n} vs {len(self.all_labels)}); rebuild it with `spheregen data ...`")
         self.num_classes, self.image_size, self.channels, self.flip = len(self.classes), h, c, flip
-        perm = np.random.RandomState(0).permutation(n)
-        n_test = int(round(n * test_fraction))
-        train, test = np.sort(perm[: n - n_test]), np.sort(perm[n - n_test:])
-        parts = {"all": np.arange(n), "train": train, "test": test}
-        self.indices: np.ndarray = parts[split]
+        self.indices: np.ndarray = split_indices(n, split, test_fraction)
         self.labels: np.ndarray = self.all_labels[self.indices]
 
     def _memmap(self) -> np.ndarray:

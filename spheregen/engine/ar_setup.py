@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from spheregen.config import from_dict
-from spheregen.data.datasets import ImageDataset
 from spheregen.data.latents import LatentCache, OnTheFlyLatents
+from spheregen.data.lazy import open_dataset
 from spheregen.engine.setup import fill_from_data
 from spheregen.errors import UserError
 from spheregen.generation import load_tokenizer
@@ -43,7 +43,7 @@ def latent_source(config: dict, args) -> tuple[object, str | None]:
             raise UserError("--no-cache encodes images on the fly and needs --tokenizer CKPT")
         if not data.get("path"):
             raise UserError("--no-cache needs the image dataset: pass --data DIR or set data.path")
-        images = ImageDataset(data["path"], split=data.get("split", "train"))
+        images = open_dataset(data["path"], split=data.get("split", "train"))
         return OnTheFlyLatents(load_tokenizer(tokenizer_path), images), tokenizer_path
     latents_path = getattr(args, "latents", None) or data.get("latents")
     if not latents_path:

@@ -1,14 +1,17 @@
-"""Data-parallel plumbing for torchrun: process group set-up, gradient averaging, rank-0 helpers.
+"""Data-parallel plumbing for torchrun: process group set-up, DistributedDataParallel around a training
+objective, BatchNorm over the global batch, activation checkpointing, FSDP, rank-0 helpers.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op (one process).
-Gradients are averaged with one all-reduce per bucket after accumulation, which is the DDP update
-(mean of per-rank mean losses == mean over the global batch when every rank holds B / world items).
-It works for any `training_loss` method, GAN discriminators included, without DDP's forward wrapper.
+Gradients are averaged by torch's DistributedDataParallel (bucketed all-reduces overlapped with backward):
+mean of per-rank mean losses == mean over the global batch when every rank holds B / world items. DDP wraps
+`Objective(model, "training_loss")`, whose forward is the model's loss method, so any model plugs in unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import types
 from typing import Any
 
 import torch
@@ -52,27 +55,103 @@ def broadcast_module(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(params: list[torch.Tensor], bucket_numel: int = 2**24) -> None:
-    """grad <- mean over ranks of grad, in flat buckets (one all-reduce per ~64 MB of fp32)."""
+class Objective(torch.nn.Module):
+    """forward(*args) = module.<method>(*args): lets DistributedDataParallel wrap a loss method."""
+
+    def __init__(self, module: torch.nn.Module, method: str):
+        super().__init__()
+        self.module, self.method = module, method
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.module, self.method)(*args)
+
+
+def wrap_ddp(module: torch.nn.Module, method: str, ignore: set[int] = frozenset(),
+             find_unused: bool = False) -> torch.nn.Module | None:
+    """DistributedDataParallel(Objective(module, method)), or None on one process. Parameters whose id() is in
+    `ignore` (another optimizer's, e.g. a GAN discriminator's) are left out of its all-reduces; buffers are
+    not broadcast (BatchNorm statistics are global already, see global_batchnorm)."""
     if not is_distributed():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    world = world_size()
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
-        if bucket and (g is None or size >= bucket_numel):
-            flat = torch.cat([b.flatten() for b in bucket])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapper = Objective(module, method)
+    skip = [f"module.{n}" for n, p in module.named_parameters() if id(p) in ignore]
+    if skip:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, skip)
+    device = next(module.parameters()).device
+    ids = [device] if device.type == "cuda" else None
+    params = inspect.signature(DistributedDataParallel).parameters  # torch >= 2.13 renamed broadcast_buffers
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(wrapper, device_ids=ids, find_unused_parameters=find_unused, **no_sync)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum over ranks of x; the gradient of every rank's x is the sum over ranks of dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _global_batchnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm whose training statistics are those of the global batch: mean = sum_r S1_r / sum_r n_r,
+    var = sum_r S2_r / sum_r n_r - mean^2 (fp64 sums, a differentiable all-reduce); eval uses running stats."""
+    if not (self.training and is_distributed()):
+        return type(self).forward(self, x)
+    C, dims = x.shape[1], [0] + list(range(2, x.dim()))
+    xd = x.double()
+    count = torch.full((1,), x.numel() // C, dtype=torch.float64, device=x.device)
+    stats = _SumOverRanks.apply(torch.cat([xd.sum(dims), (xd * xd).sum(dims), count]))
+    n = stats[-1]
+    mean = stats[:C] / n
+    var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)
+    if self.track_running_stats:
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), f)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), f)
+    shape = [1, C] + [1] * (x.dim() - 2)  # broadcast over N and the spatial dims
+    y = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + self.eps)
+    return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def global_batchnorm(module: torch.nn.Module) -> int:
+    """Make every BatchNorm in `module` normalise with global-batch statistics under torchrun (like
+    SyncBatchNorm, on gloo as well as NCCL), so N ranks train like one process; returns how many."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.forward = types.MethodType(_global_batchnorm_forward, m)
+    return len(norms)
+
+
+def _checkpointed_forward(self, *args: Any, **kwargs: Any) -> Any:
+    """The class's forward under activation checkpointing while training with gradients (recomputed in
+    backward, RNG state preserved); a plain call otherwise (sampling, KV caches)."""
+    forward = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def checkpoint_blocks(module: torch.nn.Module, kinds: tuple[type, ...] = (Block,)) -> int:
+    """Activation checkpointing on every transformer block of `module` (parameter names unchanged);
+    returns how many blocks."""
+    blocks = [m for m in module.modules() if isinstance(m, kinds)]
+    for m in blocks:
+        m.forward = types.MethodType(_checkpointed_forward, m)
+    return len(blocks)
 
 
 def average_scalars(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -101,7 +180,7 @@ def barrier() -> None:
 # -- FSDP (fully_shard) for the large configs ----------------------------------------------------------
 def shard_model(model: torch.nn.Module, methods: tuple[str, ...] = ("training_loss",)) -> None:
     """FSDP2: shard every transformer block, then the root; `methods` run with the FSDP hooks like forward.
-    Gradients are then reduce-scattered (averaged) by FSDP itself, so `average_gradients` is skipped."""
+    Gradients are then reduce-scattered (averaged) by FSDP itself (no DDP wrapper)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for m in model.modules():

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from spheregen.config import from_dict
-from spheregen.data.datasets import ImageDataset
+from spheregen.data.lazy import open_dataset
 from spheregen.engine.setup import data_path, fill_from_data
 from spheregen.errors import UserError
 from spheregen.images import psnr, save_grid
@@ -18,12 +18,12 @@ from spheregen.models.sphere_encoder import SphereEncoder
 from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
 
 
-def training_setup(config: dict, args) -> tuple[SphereEncoder, ImageDataset, object]:
+def training_setup(config: dict, args) -> tuple[SphereEncoder, object, object]:
     """Model, dataset (data.split, default train) and eval_fn; image_size, channels and num_classes come
     from the dataset (explicit values must agree with it)."""
     path = data_path(config)
     data_cfg = config.get("data", {})
-    dataset = ImageDataset(path, split=data_cfg.get("split", "train"), test_fraction=data_cfg.get("test_fraction", 0.1))
+    dataset = open_dataset(path, split=data_cfg.get("split", "train"), test_fraction=data_cfg.get("test_fraction", 0.1))
     found = {"image_size": dataset.image_size, "channels": dataset.channels, "num_classes": dataset.num_classes}
     mcfg = from_dict(SphereEncoderConfig, fill_from_data(config.get("model", {}), found, path), "model.")
     try:
@@ -31,7 +31,7 @@ def training_setup(config: dict, args) -> tuple[SphereEncoder, ImageDataset, obj
     except ValueError as e:
         raise UserError(f"invalid [model] config: {e}") from None
     model = SphereEncoder(mcfg)
-    eval_set = ImageDataset(path, split="test") if data_cfg.get("split", "train") == "train" else dataset
+    eval_set = open_dataset(path, split="test") if data_cfg.get("split", "train") == "train" else dataset
     if len(eval_set) == 0:
         eval_set = dataset
     return model, dataset, make_eval_fn(eval_set)

@@ -9,19 +9,19 @@ from pathlib import Path
 import torch
 
 from spheregen.config import from_dict
-from spheregen.data.datasets import ImageDataset
+from spheregen.data.lazy import open_dataset
 from spheregen.engine.setup import data_path, fill_from_data
 from spheregen.images import psnr, save_grid
 from spheregen.losses import say_once
 from spheregen.models.tokenizer import Tokenizer, TokenizerConfig
 
 
-def training_setup(config: dict, args) -> tuple[Tokenizer, ImageDataset, object]:
+def training_setup(config: dict, args) -> tuple[Tokenizer, object, object]:
     """Model, the train split of data.path, and the eval_fn; image size and channels come from the data."""
     path = data_path(config)
     data = config.get("data", {})
     fraction = float(data.get("test_fraction", 0.1))
-    train_set = ImageDataset(path, split="train", test_fraction=fraction)
+    train_set = open_dataset(path, split="train", test_fraction=fraction)
     found = {"image_size": train_set.image_size, "in_channels": train_set.channels}
     cfg = from_dict(TokenizerConfig, fill_from_data(config.get("model", {}), found, path), "model.")
     model = Tokenizer(cfg)
@@ -61,7 +61,7 @@ def evaluate_reconstruction(model: Tokenizer, dataset, max_images: int = 512, ba
 
 def make_eval_fn(data_path: str | Path, test_fraction: float = 0.1, max_images: int = 512):
     """eval_fn(model, step, out_dir) for the Trainer: held-out PSNR / SSIM and recon_step_XXXXXXXX.png."""
-    test_set = ImageDataset(data_path, split="test", test_fraction=test_fraction)
+    test_set = open_dataset(data_path, split="test", test_fraction=test_fraction)
     if len(test_set) == 0:
         say_once(f"{data_path}: no held-out images (data.test_fraction = {test_fraction}); no reconstruction eval")
         return None

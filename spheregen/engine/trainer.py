@@ -6,8 +6,14 @@ and, optionally,
     param_groups(weight_decay) -> list[dict]          custom optimizer groups (default: decay on >= 2-D weights)
     second_objective: nn.Module with loss(context, step) -> (loss, terms), trained by a second AdamW
                       (train.disc_lr) after each main step on the contexts of its micro-batches (a GAN's
-                      discriminator); its parameters stay out of the main optimizer and the EMA
-A dataset plugs in with `__len__` and `get_batch(indices, flip_mask) -> batch` (tensors or tuples of them).
+                      discriminator); its parameters stay out of the main optimizer and the EMA; its optional
+                      active(step) -> bool says whether its loss has gradients at that step
+A dataset plugs in with `__len__` and `get_batch(indices, flip_mask) -> batch` (tensors or tuples of them), and
+optionally `set_epoch(epoch)` (called before each get_batch) and `set_augment(CropSchedule | None, seed)`
+(train.random_crop). A dataset with a `loader_dataset` (lazy image files) is instead decoded in train.data_workers
+DataLoader workers, `loader_dataset[(index, flip, epoch)] -> (index, x, y)`, in the sampler's order
+(spheregen.data.loader), then passed through its `finish_batch(batch)` if it has one (encoding on the fly).
+Under torchrun the loss runs through DistributedDataParallel (spheregen.engine.dist.wrap_ddp).
 
 Exact resume: the data order is a pure function of (seed, epoch), the position is saved, and the torch,
 numpy and python RNG states travel in train_state.pt, so k steps + resume gives bitwise the same weights
@@ -16,6 +22,7 @@ as one uninterrupted run on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -30,6 +37,8 @@ import torch
 from tqdm import tqdm
 
 from spheregen.config import to_dict
+from spheregen.data.augment import CropSchedule
+from spheregen.data.loader import WorkerBatches
 from spheregen.engine import dist
 from spheregen.engine.logger import MetricsLogger
 from spheregen.engine.state import EpochSampler, resume_checkpoint, save_checkpoint
@@ -60,6 +69,13 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite steps before aborting
     logger: str = "csv"  # "csv", "tensorboard" or "wandb" (offline unless WANDB_MODE is set); always writes the CSV
     fsdp: bool = False  # shard parameters, gradients and optimizer state over ranks (SphereAR-L/H)
+    activation_checkpointing: bool = False  # recompute every transformer block's activations in backward
+    sync_batchnorm: bool = True  # under torchrun, BatchNorm statistics over the global batch (as one process)
+    data_workers: int = 2  # DataLoader workers decoding lazy datasets (0: in the training process)
+    random_crop: bool = False  # the authors' random resize-and-crop (lazy datasets, or latent caches with views)
+    crop_full_until: float = 350.0  # random crops with p = 1 up to this epoch ...
+    crop_decay_end: float = 375.0  # ... then p decays linearly to 0 (centre crops) at this epoch
+    crop_max_scale: float = 1.25  # random short side in [size, ceil(size * crop_max_scale)] (256 -> 320)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -113,6 +129,10 @@ class Trainer:
         self.model = model.to(self.device)
         dist.broadcast_module(self.model)
         self.fsdp = cfg.fsdp and self.world > 1
+        if cfg.activation_checkpointing:
+            dist.checkpoint_blocks(self.model)
+        if cfg.sync_batchnorm and self.world > 1:
+            dist.global_batchnorm(self.model)
         second = self.second = getattr(model, "second_objective", None)
         if self.fsdp:
             if second is not None:
@@ -123,23 +143,17 @@ class Trainer:
         self.config_dict = dict(config_dict or {})
         self.config_dict["train"] = to_dict(cfg)
         own = {id(p) for p in second.parameters()} if second is not None else set()
-        gen_params = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else None
-        if gen_params is None:
-            gen_params = default_param_groups(model, cfg.weight_decay, skip=own)
-        betas = (cfg.beta1, cfg.beta2)
-        for g in gen_params:
-            g.setdefault("lr_scale", 1.0)
-            g["lr"] = cfg.lr * g["lr_scale"]
-        self.opt = torch.optim.AdamW(gen_params, lr=cfg.lr, betas=betas)
-        self.disc_opt = None
-        if second is not None:
-            self.disc_opt = torch.optim.AdamW(default_param_groups(second, cfg.weight_decay), lr=cfg.disc_lr,
-                                              betas=betas)
+        self.opt, self.disc_opt = make_optimizers(model, second, cfg, own)
         self.ema = None
         if cfg.ema_decay > 0:
             self.ema_names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
             self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(self.ema_names)}
         self.sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, self.rank, self.world)
+        set_augment(dataset, cfg)
+        self.workers: WorkerBatches | None = None
+        # DDP around the loss methods (FSDP does its own reductions); a discriminator may sit out a step
+        self.ddp = None if self.fsdp else dist.wrap_ddp(self.model, "training_loss", ignore=own)
+        self.disc_ddp = dist.wrap_ddp(second, "loss") if second is not None else None
         self.step, self.bad_steps = 0, 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -164,7 +178,13 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore from `path` or the newest loadable checkpoint of run_dir; False if there is none."""
+        self.close_workers()  # the workers restart from the restored data position
         return resume_checkpoint(self, path)
+
+    def close_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     # -- the loop ---------------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -174,25 +194,35 @@ class Trainer:
         return self.cfg.lr * f
 
     def _micro_batches(self) -> list:
+        n, source = self.cfg.grad_accum, getattr(self.dataset, "loader_dataset", None)
+        if source is not None and self.workers is None:  # started here, after any resume
+            self.workers = WorkerBatches(source, self.sampler, self.cfg.data_workers, self.device.type == "cuda")
         idx, flips = self.sampler.next()
-        n = self.cfg.grad_accum
-        return [to_device(self.dataset.get_batch(i, f), self.device) for i, f in zip(idx.chunk(n), flips.chunk(n))]
+        if self.workers is None:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.sampler.epoch)
+            return [to_device(self.dataset.get_batch(i, f), self.device) for i, f in zip(idx.chunk(n), flips.chunk(n))]
+        x, y = self.workers.next(idx)
+        parts = [to_device((a, b), self.device) for a, b in zip(x.chunk(n), y.chunk(n))]
+        finish = getattr(self.dataset, "finish_batch", None)
+        return [finish(p) for p in parts] if finish else parts
 
-    def _optimize(self, opt, loss_fn, params, batches) -> tuple[dict[str, float], float, bool, list]:
-        """Accumulate gradients over micro-batches, clip, and step; skip the step if anything is non-finite.
-        Also returns the context each loss_fn call gave (None when it gave none)."""
+    def _optimize(self, opt, loss_fn, params, batches, ddp=None) -> tuple[dict[str, float], float, bool, list]:
+        """Accumulate gradients over micro-batches (through `ddp`, which all-reduces on the last one, when
+        given), clip, and step; skip the step if anything is non-finite. Also returns the context each loss_fn
+        call gave (None when it gave none)."""
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         contexts = []
-        for batch in batches:
-            with self.autocast:
-                loss, terms, *context = loss_fn(batch, self.step)
+        for k, batch in enumerate(batches):
+            quiet = ddp is not None and k < len(batches) - 1
+            with ddp.no_sync() if quiet else contextlib.nullcontext():
+                with self.autocast:
+                    loss, terms, *context = (ddp or loss_fn)(batch, self.step)
+                (loss / self.cfg.grad_accum).backward()
             contexts.append(context[0] if context else None)
-            (loss / self.cfg.grad_accum).backward()
-            for k, v in {"loss": loss, **terms}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
-        if not self.fsdp:
-            dist.average_gradients(params)
+            for name, v in {"loss": loss, **terms}.items():
+                totals[name] = totals.get(name, 0.0) + float(v.detach()) / self.cfg.grad_accum
         totals = dist.average_scalars(totals, self.device)
         bad = [k for k, v in totals.items() if not math.isfinite(v)]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
@@ -222,10 +252,12 @@ class Trainer:
         while self.step < stop:
             lr = self._set_lr()
             batches = self._micro_batches()
-            terms, gnorm, ok, contexts = self._optimize(self.opt, model.training_loss, params, batches)
+            terms, gnorm, ok, contexts = self._optimize(self.opt, model.training_loss, params, batches, self.ddp)
             if ok and self.disc_opt is not None:  # a GAN's discriminator steps on the same micro-batches
                 d_params = list(self.second.parameters())
-                d_terms, _, _, _ = self._optimize(self.disc_opt, self.second.loss, d_params, contexts)
+                active = getattr(self.second, "active", lambda step: True)(self.step)  # idle: no grads to sync
+                d_terms, _, _, _ = self._optimize(self.disc_opt, self.second.loss, d_params, contexts,
+                                                  self.disc_ddp if active else None)
                 terms.update({f"disc_{k}": v for k, v in d_terms.items()})
             if ok:
                 self.bad_steps = 0
@@ -253,6 +285,7 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == stop:
                 self.save()
         bar.close()
+        self.close_workers()
         if self.eval_fn and self.rank == 0 and not self.fsdp and self.step == cfg.steps:
             last.update(self._evaluate())
             logger.log(self.step, last)
@@ -271,9 +304,40 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        d = self.cfg.ema_decay
+        """ema <- ema + (1 - decay) (theta - ema), one fused foreach op over all tensors."""
         params = dict(self.model.named_parameters())
-        for n, v in self.ema.items():
-            v.lerp_(params[n].detach(), 1 - d)
+        torch._foreach_lerp_(list(self.ema.values()), [params[n].detach() for n in self.ema], 1 - self.cfg.ema_decay)
+
+
+def make_optimizers(model: torch.nn.Module, second: torch.nn.Module | None, cfg: TrainConfig,
+                    own: set[int]) -> tuple[torch.optim.AdamW, torch.optim.AdamW | None]:
+    """AdamW over the model's parameter groups (its own param_groups, or decay on >= 2-D weights) without the
+    second objective's parameters (`own`), and a second AdamW at train.disc_lr for those."""
+    gen_params = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else None
+    if gen_params is None:
+        gen_params = default_param_groups(model, cfg.weight_decay, skip=own)
+    betas = (cfg.beta1, cfg.beta2)
+    for g in gen_params:
+        g.setdefault("lr_scale", 1.0)
+        g["lr"] = cfg.lr * g["lr_scale"]
+    opt = torch.optim.AdamW(gen_params, lr=cfg.lr, betas=betas)
+    if second is None:
+        return opt, None
+    return opt, torch.optim.AdamW(default_param_groups(second, cfg.weight_decay), lr=cfg.disc_lr, betas=betas)
+
+
+def set_augment(dataset: Any, cfg: TrainConfig) -> None:
+    """Hand train.random_crop's schedule (or None) to a dataset that takes one."""
+    schedule = None
+    if cfg.random_crop:
+        try:
+            schedule = CropSchedule(cfg.crop_full_until, cfg.crop_decay_end, cfg.crop_max_scale)
+        except ValueError as e:
+            raise UserError(f"train.random_crop: {e}") from None
+    if hasattr(dataset, "set_augment"):
+        dataset.set_augment(schedule, cfg.seed)
+    elif schedule is not None:
+        raise UserError("train.random_crop needs a lazy dataset (`spheregen data folder SRC --lazy`) or a latent "
+                        "cache with several views (`spheregen encode --views K`)")
 
 
