@@ -1,6 +1,7 @@
 """Lazy image datasets (`spheregen data folder --lazy`), worker decoding in the sampler's order, kill-and-resume
 mid-epoch, and the sharded latent cache with K views."""
 
+import io
 import json
 
 import numpy as np
@@ -60,6 +61,30 @@ def test_index_holds_paths_labels_classes_sizes_and_reads_centre_crops(lazy_dir)
         assert torch.equal(x[row], ref.flip(-1) if flip else ref)
     split = open_dataset(lazy_dir, split="test", test_fraction=0.2)
     assert len(split) == 5 and set(split.indices) <= set(range(25))
+
+
+def test_tar_shards_in_webdataset_layout(lazy_dir, tmp_path):
+    """The same images as tar shards (KEY.jpg + KEY.cls): same labels, same decoded pixels as the folder index."""
+    import tarfile
+
+    folder = LazyImageDataset(lazy_dir)
+    src = tmp_path / "shards"
+    src.mkdir()
+    for shard, rows in enumerate((range(0, 13), range(13, 25))):
+        with tarfile.open(src / f"train-{shard:04d}.tar", "w") as tf:
+            for i in rows:
+                ext = folder.path(i).suffix
+                tf.add(folder.path(i), arcname=f"sample{i:05d}{ext}")
+                label = f"{folder.labels[i]}".encode()
+                info = tarfile.TarInfo(f"sample{i:05d}.cls")
+                info.size = len(label)
+                tf.addfile(info, io.BytesIO(label))
+    line = build_lazy_index(src, tmp_path / "idx", 16)
+    assert "indexed 25 images (3 classes" in line
+    ds = LazyImageDataset(tmp_path / "idx")
+    assert ds.labels.tolist() == folder.labels.tolist() and ds.classes == ["0", "1", "2"]
+    assert torch.equal(ds.get_batch(range(25))[0], folder.get_batch(range(25))[0])
+    assert ds.path(20).name == "train-0001.tar"
 
 
 def test_bad_files_fail_in_one_line_or_are_skipped(tmp_path):

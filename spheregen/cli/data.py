@@ -65,7 +65,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files instead of failing")
     p.add_argument("--lazy", action="store_true", help="write an index (paths, labels, classes, sizes) and keep "
                    "the images as files, decoded while training (ImageNet-sized data; ADM centre crop, or the "
-                   "random crops of train.random_crop)")
+                   "random crops of train.random_crop); SRC may also hold tar shards in webdataset layout "
+                   "(KEY.jpg + KEY.cls)")
     p.add_argument("--verify", action="store_true", help="with --lazy: decode every file while indexing (slow) "
                    "instead of reading headers only")
     p.set_defaults(func=_cmd_folder)

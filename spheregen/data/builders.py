@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from spheregen.config import installed_file
-from spheregen.data.datasets import DATASET_FILES, LAZY_FILES
+from spheregen.data.datasets import DATASET_FILES, LAZY_FILES, LAZY_OPTIONAL
 from spheregen.errors import UserError
 from spheregen.images import LANCZOS, center_square_resize, to_rgb_on_white
 
@@ -46,7 +46,7 @@ def _check_out(out: Path, overwrite: bool = False) -> None:
     if not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another --out")
     present = sorted(p.name for p in out.iterdir())
-    foreign = [name for name in present if name not in DATASET_FILES + LAZY_FILES]
+    foreign = [name for name in present if name not in DATASET_FILES + LAZY_FILES + LAZY_OPTIONAL]
     if foreign:
         raise UserError(
             f"--out {out} exists and holds files that are not part of a spheregen dataset "
@@ -274,14 +274,19 @@ def bad_image(path: Path, e: Exception, hint: str = "or pass --skip-bad to skip 
     return UserError(f"cannot read image {path} ({reason}); fix or remove it, {hint}")
 
 
-def folder_files(src: str | Path, out: str | Path, size: int,
-                 overwrite: bool) -> tuple[Path, Path, list[tuple[Path, int]], list[str], int]:
-    """Check the arguments of a folder build and list its files: (src, out, files, classes, ignored)."""
+def check_folder_args(src: str | Path, out: str | Path, size: int, overwrite: bool) -> tuple[Path, Path]:
     _check_size(size)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise UserError(f"{src} does not exist or is not a folder; pass a folder of images")
     _check_out(out, overwrite)
+    return src, out
+
+
+def folder_files(src: str | Path, out: str | Path, size: int,
+                 overwrite: bool) -> tuple[Path, Path, list[tuple[Path, int]], list[str], int]:
+    """Check the arguments of a folder build and list its files: (src, out, files, classes, ignored)."""
+    src, out = check_folder_args(src, out, size, overwrite)
     files, classes, ignored = find_images(src)
     if not files:
         raise UserError(f"no image files found in {src}; put images in it (or in one subfolder per class)")

@@ -20,6 +20,7 @@ from spheregen.images import from_uint8
 
 DATASET_FILES = ("images.npy", "labels.npy", "classes.json", "meta.json")
 LAZY_FILES = ("paths.bin", "offsets.npy", "labels.npy", "sizes.npy", "classes.json", "meta.json")  # data/lazy.py
+LAZY_OPTIONAL = ("spans.npy",)  # lazy indexes over tar shards
 
 
 def split_indices(n: int, split: str, test_fraction: float) -> np.ndarray:

@@ -5,16 +5,21 @@ A lazy dataset is a directory holding
   offsets.npy   int64 [N + 1]: path i is paths.bin[offsets[i]:offsets[i + 1]]
   labels.npy    int64 [N]
   sizes.npy     int32 [N, 2]: (width, height) of every file as stored
+  spans.npy     int64 [N, 2], tar shards only: (offset, length) of the image's bytes inside the tar of its path
   classes.json  list of class names (empty = unconditional)
   meta.json     {"format": "lazy", "root", "source", "size", "count", "channels": 3, "skipped"}; written last.
-Everything per image is memory-mapped, so a reader's memory does not grow with the number of images; pixels are
+SRC is an ImageNet-style tree (first-level folders = classes), or a folder of tar shards in webdataset layout
+(members KEY.jpg|jpeg|png|webp with an optional KEY.cls holding the class index). Everything per image is
+memory-mapped, so a reader's memory does not grow with the number of images; pixels are
 decoded (in DataLoader workers when training) and preprocessed with ADM's centre crop or the authors' random
 resize-and-crop (spheregen.data.augment).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,7 @@ from tqdm import tqdm
 
 from spheregen.checkpoint import write_dir_atomically
 from spheregen.data.augment import CropSchedule, preprocess
-from spheregen.data.builders import bad_image, folder_files
+from spheregen.data.builders import bad_image, check_folder_args, folder_files
 from spheregen.data.datasets import LAZY_FILES, ImageDataset, split_indices
 from spheregen.errors import UserError
 from spheregen.images import from_uint8, to_rgb_on_white
@@ -43,42 +48,78 @@ def open_dataset(root: str | Path, split: str = "all", test_fraction: float = 0.
     return cls(root, split=split, test_fraction=test_fraction, flip=flip)
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """Decode one file fully (so truncation fails here), EXIF-rotated, as RGB (alpha composited on white)."""
-    if path.stat().st_size == 0:
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _source(path: Path, span=None):
+    """A file path, or the bytes at span = (offset, length) of a tar shard."""
+    if (path.stat().st_size if span is None else span[1]) == 0:
         raise OSError("empty file")
-    with Image.open(path) as im:
+    if span is None:
+        return path
+    with open(path, "rb") as f:
+        f.seek(int(span[0]))
+        return io.BytesIO(f.read(int(span[1])))
+
+
+def read_rgb(path: Path, span=None) -> Image.Image:
+    """Decode one image fully (so truncation fails here), EXIF-rotated, as RGB (alpha composited on white)."""
+    with Image.open(_source(path, span)) as im:
         im.load()
         return to_rgb_on_white(ImageOps.exif_transpose(im))
 
 
-def _probe(path: Path, verify: bool) -> tuple[int, int]:
+def _probe(path: Path, verify: bool, span=None) -> tuple[int, int]:
     """(width, height) from the header, or from a full decode when `verify`."""
     if verify:
-        return read_rgb(path).size
-    if path.stat().st_size == 0:
-        raise OSError("empty file")
-    with Image.open(path) as im:
+        return read_rgb(path, span).size
+    with Image.open(_source(path, span)) as im:
         return im.size
+
+
+def tar_entries(src: Path) -> tuple[list[tuple[str, int, tuple[int, int] | None]], list[str]]:
+    """(tar path relative to src, label, (offset, length)) of every image in src's *.tar shards (webdataset
+    layout: KEY.jpg and KEY.cls), and the class names ("0".."K-1"; none when no .cls files)."""
+    entries, labelled = [], False
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard, "r:") as tf:
+            members = [m for m in tf.getmembers() if m.isfile()]
+            cls = {m.name.rsplit(".", 1)[0]: int(tf.extractfile(m).read().strip()) for m in members
+                   if m.name.endswith(".cls")}
+        labelled |= bool(cls)
+        for m in members:
+            key, _, ext = m.name.rpartition(".")
+            if ext.lower() in IMAGE_EXTS:
+                entries.append((shard.name, cls.get(key, 0), (m.offset_data, m.size)))
+    classes = [str(i) for i in range(max(e[1] for e in entries) + 1)] if labelled and entries else []
+    return entries, classes
 
 
 def build_lazy_index(src: str | Path, out: str | Path, size: int, skip_bad: bool = False, verify: bool = False,
                      overwrite: bool = False) -> str:
     """Index an image folder (first-level subfolders = classes) without decoding pixels (headers only, or full
     decodes with `verify`); unreadable files fail with one line or are skipped and counted with `skip_bad`."""
-    src, out, files, classes, ignored = folder_files(src, out, size, overwrite)
-    blob, offsets, labels, sizes, skipped = bytearray(), [0], [], [], []
-    for path, label in tqdm(files, desc="indexing images", disable=None, leave=False):
+    tars = sorted(Path(src).glob("*.tar")) if Path(src).is_dir() else []
+    if tars:
+        (src, out), ignored = check_folder_args(src, out, size, overwrite), 0
+        entries, classes = tar_entries(src)
+    else:
+        src, out, files, classes, ignored = folder_files(src, out, size, overwrite)
+        entries = [(p.relative_to(src).as_posix(), label, None) for p, label in files]
+    blob, offsets, labels, sizes, spans, skipped = bytearray(), [0], [], [], [], []
+    for rel, label, span in tqdm(entries, desc="indexing images", disable=None, leave=False):
         try:
-            sizes.append(_probe(path, verify))
+            sizes.append(_probe(src / rel, verify, span))
         except Exception as e:  # anything a broken or non-image file makes Pillow raise
+            name = rel if span is None else f"{rel} at byte {span[0]}"
             if not skip_bad:
-                raise bad_image(path, e) from None
-            skipped.append(path.relative_to(src).as_posix())
+                raise bad_image(src / name, e) from None
+            skipped.append(name)
             continue
-        blob += path.relative_to(src).as_posix().encode("utf-8")
+        blob += rel.encode("utf-8")
         offsets.append(len(blob))
         labels.append(label)
+        spans.append(span)
     if not labels:
         raise UserError(f"no readable images in {src} ({len(skipped)} unreadable files skipped)")
     meta = {"format": "lazy", "root": str(src.resolve()), "source": str(src.resolve()), "size": size,
@@ -89,6 +130,8 @@ def build_lazy_index(src: str | Path, out: str | Path, size: int, skip_bad: bool
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
         np.save(tmp / "sizes.npy", np.asarray(sizes, dtype=np.int32).reshape(-1, 2))
+        if tars:
+            np.save(tmp / "spans.npy", np.asarray(spans, dtype=np.int64).reshape(-1, 2))
         (tmp / "classes.json").write_text(json.dumps(list(classes), ensure_ascii=False))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
@@ -132,12 +175,17 @@ class LazyImageDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:  # workers reopen the memmaps
         return {k: v for k, v in self.__dict__.items() if k != "_maps"}
 
-    def path(self, i: int) -> Path:
-        """The file of position i of the split."""
+    def _open_maps(self) -> tuple:
         if self._maps is None:
+            spans = self.root / "spans.npy"
             self._maps = (np.memmap(self.root / "paths.bin", dtype=np.uint8, mode="r"),
-                          np.load(self.root / "offsets.npy", mmap_mode="r"))
-        blob, offsets = self._maps
+                          np.load(self.root / "offsets.npy", mmap_mode="r"),
+                          np.load(spans, mmap_mode="r") if spans.is_file() else None)
+        return self._maps
+
+    def path(self, i: int) -> Path:
+        """The file (or tar shard) of position i of the split."""
+        blob, offsets, _ = self._open_maps()
         j = int(self.indices[i])
         return self.image_root / bytes(blob[int(offsets[j]):int(offsets[j + 1])]).decode("utf-8")
 
@@ -146,11 +194,12 @@ class LazyImageDataset(torch.utils.data.Dataset):
 
     def read(self, i: int) -> Image.Image:
         """The RGB image of position i (UserError naming the file if it cannot be read)."""
-        path = self.path(i)
+        path, spans = self.path(i), self._open_maps()[2]
+        span = None if spans is None else tuple(int(v) for v in spans[int(self.indices[i])])
         try:
-            return read_rgb(path)
+            return read_rgb(path, span)
         except Exception as e:  # anything a broken or missing file makes Pillow raise
-            raise bad_image(path, e, LOAD_HINT) from None
+            raise bad_image(path if span is None else Path(f"{path} at byte {span[0]}"), e, LOAD_HINT) from None
 
     def load(self, i: int, flip: bool = False, epoch: int = 0) -> tuple[torch.Tensor, int]:
         """Decode and preprocess position i for `epoch`."""
