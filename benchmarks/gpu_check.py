@@ -66,7 +66,8 @@ def autocast(device: torch.device):
 
 def sphere_ar(dry: bool, device: torch.device) -> SphereAR:
     model = load_config("ar", "sphereAR_B")["model"]
-    return SphereAR(from_dict(ARConfig, {**model, **(TINY_AR if dry else {})}, "model.")).to(device)
+    with device:  # initialised on the device: seconds instead of a CPU init of every large model
+        return SphereAR(from_dict(ARConfig, {**model, **(TINY_AR if dry else {})}, "model.")).to(device)
 
 
 def sdpa_kernel_used(fn) -> str:
@@ -113,7 +114,8 @@ def check_sampling(dry: bool, device: torch.device) -> list[dict]:
     model = sphere_ar(dry, device).eval()
     tok_cfg = load_config("tokenizer", "paper_256")["model"]
     tok_cfg = {**tok_cfg, "perceptual": "none", "disc_weight": 0.0, **(TINY_TOK if dry else {})}
-    decoder = Tokenizer(from_dict(TokenizerConfig, tok_cfg, "model.")).to(device).eval()
+    with device:
+        decoder = Tokenizer(from_dict(TokenizerConfig, tok_cfg, "model.")).to(device).eval()
     rows = []
     model.generate([0, 1], [0, 1], steps=2, cfg=4.5)  # warm-up
     for batch in ((2, 4) if dry else (64, 256)):
@@ -136,7 +138,8 @@ def check_sphere_encoder(dry: bool, device: torch.device, repeats: int) -> dict:
     cfg = load_config("sphere", "imagenet256_l")["model"]
     cfg = {**cfg, "perceptual": "none", **(TINY_SE if dry else {})}
     torch.manual_seed(0)
-    model = SphereEncoder(from_dict(SphereEncoderConfig, cfg, "model.")).to(device).eval()
+    with device:
+        model = SphereEncoder(from_dict(SphereEncoderConfig, cfg, "model.")).to(device).eval()
     batch = 4 if dry else 64
     labels = torch.arange(batch, device=device) % model.config.num_classes
     with torch.no_grad(), autocast(device):
