@@ -233,3 +233,19 @@ def test_imagenet_layout_tree_trains_tokenizer_and_ar_lazily(tmp_path):
     assert np.isfinite(out["tokenizer_last"]["loss"]) and np.isfinite(out["ar_last"]["loss"])
     assert len(list((tmp_path / "tree").rglob("*.JPEG"))) == 2000
     assert json.loads((tmp_path / "idx" / "meta.json").read_text())["count"] == 2000
+
+
+def test_ar_on_the_fly_latents_of_a_lazy_dataset(lazy_dir, tmp_path):
+    """--no-cache on lazy images: workers decode (random crops on), the main process encodes each micro-batch."""
+    from spheregen.data.latents import OnTheFlyLatents
+    from spheregen.models.ar import ARConfig, SphereAR
+
+    tok = _tiny_tokenizer()
+    source = OnTheFlyLatents(tok, LazyImageDataset(lazy_dir))
+    assert source.loader_dataset is not None
+    torch.manual_seed(0)
+    ar = SphereAR(ARConfig(token_dim=8, grid=(4, 4), radius=tok.radius, num_classes=3, dim=32, n_layers=1, n_heads=2,
+                           mlp_multiple_of=8, n_cls_tokens=2, head_depth=1, head_width=32, head_adaln=1))
+    cfg = TrainConfig(steps=2, batch_size=8, grad_accum=2, random_crop=True, data_workers=1, ckpt_every=100)
+    result = Trainer(ar, source, cfg, tmp_path, progress=False).fit()
+    assert np.isfinite(result["loss"])
