@@ -7,8 +7,14 @@ Network (the authors' MLP-AdaLN head, paper Sec. 3.3):
   the (scale, shift, gate) come from `n_adaln` shared Linear(C, 3C) layers applied to y, each serving
   depth / n_adaln consecutive blocks; the final layer is LayerNorm -> modulate -> Linear(C, d), zero-init.
 Loss (Eq. 7-8): x_t = (1 - t) eps + t x1,  v = x1 - eps,  t = sigmoid(N(0, 1)),  L = E ||v - v_w(x_t, t, h)||^2.
-Samplers integrate dx/dt = v from t = 0 to 1: `euler` (Eq. 9), `heun`, and `euler_maruyama` (the
-authors' SDE sampler).
+Samplers integrate dx/dt = v from t = 0 to 1: `euler` (Eq. 9), `heun` (EDM style: no corrector on the last
+step), and `euler_maruyama` (the authors' SDE sampler).
+
+Sampling engine (`sample`, App. G names the head the inference bottleneck): y, hence every AdaLN output,
+depends on (t, h) only, never on the state x. So per token the head embeds h once, embeds every solver time
+once, and computes the AdaLN outputs of all solver steps in one large matrix product (`ModulationTable`); a
+solver step then runs the state path alone (input projection, ResBlocks, final layer), the CFG rows share the
+state by broadcasting, guidance is one lerp, and the solver updates the state in place.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spheregen.layers import SwiGLU
 
 SAMPLERS = ("euler", "euler_maruyama", "heun")
 EM_LAST_STEP = 0.04  # the Euler-Maruyama sampler ends with one deterministic Euler step of this size
+TABLE_BYTES = 1 << 25  # precomputed AdaLN outputs are made in chunks of solver steps of at most ~32 MB
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -41,8 +49,9 @@ class ResBlock(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = SwiGLU(width, int(1.5 * width), bias=True)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+    def forward(self, x: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """scale1p = 1 + scale (the AdaLN tables carry the 1); x may broadcast against the modulations."""
+        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.norm(x), scale1p)))
 
 
 class FlowHead(nn.Module):
@@ -52,7 +61,7 @@ class FlowHead(nn.Module):
         super().__init__()
         if depth % n_adaln:
             raise ValueError(f"head depth {depth} must be a multiple of the number of AdaLN linears {n_adaln}")
-        self.token_dim, self.depth, self.n_adaln = token_dim, depth, n_adaln
+        self.token_dim, self.width, self.depth, self.n_adaln = token_dim, width, depth, n_adaln
         self.input_proj = nn.Linear(token_dim, width)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
@@ -61,6 +70,10 @@ class FlowHead(nn.Module):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_adaln = nn.Linear(width, 2 * width)
         self.final_proj = nn.Linear(width, token_dim)
+        # the 1 of every (1 + scale) in the AdaLN outputs, laid out [K = 3 n_adaln + 2, C] as `modulations`
+        one = torch.zeros(3 * n_adaln + 2, width)
+        one[[*range(0, 3 * n_adaln, 3), 3 * n_adaln]] = 1.0
+        self.register_buffer("scale_one", one, persistent=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -76,16 +89,39 @@ class FlowHead(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.silu(self.time_embed(timestep_embedding(t).to(x.dtype)) + self.cond_embed(h))
+    def time_features(self, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """t_emb = MLP(sinusoid(1000 t)) [N, C]. r, the end time of an average velocity, is the MeanFlow
+        head's; this (instantaneous) flow does not use it."""
+        return self.time_embed(timestep_embedding(t).to(self.input_proj.weight.dtype))
+
+    def modulations(self, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
+        """The AdaLN outputs of y = SiLU(t_emb + c_emb) (broadcast) as [..., K, C], K = 3 n_adaln + 2 rows:
+        (1 + scale, shift, gate) of each AdaLN linear, then (1 + scale, shift) of the final layer; all in one
+        matrix product with the stacked weights and the 1s folded into the bias."""
+        layers = [*self.adaln, self.final_adaln]
+        weight = torch.cat([a.weight for a in layers])  # [K * C, C]
+        bias = torch.cat([a.bias for a in layers]) + self.scale_one.flatten()
+        out = F.linear(F.silu(t_emb + c_emb), weight, bias)
+        return out.unflatten(-1, self.scale_one.shape)  # [..., K * C] -> [..., K, C]
+
+    def trunk(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The state path: x [..., d] and the K modulations [..., C] -> velocity. The leading dims broadcast: x [B, d]
+        with modulations [2, B, C] runs the cond and null rows of CFG from one shared state, giving [2, B, d]."""
         x = self.input_proj(x)
         per = self.depth // self.n_adaln
         for i, blk in enumerate(self.blocks):
-            if i % per == 0:
-                scale, shift, gate = self.adaln[i // per](y).chunk(3, dim=-1)
-            x = blk(x, scale, shift, gate)
-        scale, shift = self.final_adaln(y).chunk(2, dim=-1)
-        return self.final_proj(self.final_norm(x) * (1 + scale) + shift)
+            j = 3 * (i // per)
+            x = blk(x, mods[j], mods[j + 1], mods[j + 2])
+        return self.final_proj(torch.addcmul(mods[-1], self.final_norm(x), mods[-2]))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None, h: torch.Tensor | None,
+                mods: tuple[torch.Tensor, ...] | None = None, r: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity for x [N, d] at times t [N] under conditions h [N, cond_dim]. mods: the precomputed
+        `modulations` of (t, h) as K tensors (the sampler's per-step call; t and h are then unused); r: see
+        time_features."""
+        if mods is None:
+            mods = self.modulations(self.time_features(t, r), self.cond_embed(h)).unbind(-2)
+        return self.trunk(x, mods)
 
     def loss(self, x1: torch.Tensor, h: torch.Tensor, batch_mul: int = 4) -> torch.Tensor:
         """Rectified-flow loss (Eq. 8) with `batch_mul` independent (t, eps) draws per target.
@@ -104,6 +140,10 @@ class FlowHead(nn.Module):
         """Standard-normal vectors per token that `sample` consumes with this sampler and step count."""
         return noise_draws(sampler, steps)
 
+    def eval_times(self, sampler: str, steps: int) -> list[tuple[float, float]]:
+        """(t, r) of every velocity evaluation of `solve`: r = t, the instantaneous velocity."""
+        return [(t, t) for t in solver_times(sampler, steps)]
+
     def sample(self, h: torch.Tensor, noise: torch.Tensor, scale: float | None, sampler: str = "euler_maruyama",
                steps: int = 100, temperature: float = 1.0) -> torch.Tensor:
         """One token per row from head conditions h: the flow solved from noise (see `solve`).
@@ -112,14 +152,50 @@ class FlowHead(nn.Module):
         scale s: h = [h_cond; h_null] [2B, C] sharing noise [B, draws, d]; guided velocity -> [B, d].
         Projection onto the sphere is the caller's (SphereAR.solve_token), after the solve and after CFG.
         """
-        return solve(guided_velocity(self, h, scale), noise, sampler, steps, temperature)
+        table = ModulationTable(self, h, self.eval_times(sampler, steps), guided=scale is not None)
+        return solve(table.velocity(scale), noise, sampler, steps, temperature)
+
+
+class ModulationTable:
+    """One token's AdaLN outputs at every evaluation time of its solver, made ahead of the solver in chunks
+    of at most TABLE_BYTES (one matrix product per chunk instead of three small ones per step)."""
+
+    def __init__(self, head: FlowHead, h: torch.Tensor, times: list[tuple[float, float]], guided: bool):
+        uniq = sorted(set(times))  # the solvers' times never decrease, so chunks are used in order
+        self.index = {t: i for i, (t, _) in enumerate(uniq)}
+        t, r = torch.tensor(uniq, dtype=torch.float32, device=h.device).unbind(-1)
+        self.head, self.t_emb, self.c_emb = head, head.time_features(t, r), head.cond_embed(h)  # [E, C], [R, C]
+        self.rows = (2, len(h) // 2) if guided else (len(h),)  # guided: [h_cond; h_null] -> [2, B]
+        self.chunk = max(1, TABLE_BYTES // (len(h) * head.scale_one.numel() * 4))
+        self.start, self.block = 0, None
+
+    def at(self, t: float) -> tuple[torch.Tensor, ...]:
+        """The K modulations [*rows, C] of the evaluation at time t (contiguous)."""
+        i = self.index[t]
+        if self.block is None or not self.start <= i < self.start + len(self.block):
+            self.start = i
+            c = self.c_emb.view(*self.rows, -1)
+            t_emb = self.t_emb[i:i + self.chunk].view(-1, *[1] * len(self.rows), self.t_emb.shape[-1])
+            # [e, *rows, K, C] -> [e, K, *rows, C]: each step's K slices contiguous
+            self.block = self.head.modulations(t_emb, c).movedim(-2, 1).contiguous()
+        return self.block[i - self.start].unbind(0)
+
+    def velocity(self, scale: float | None) -> VelocityFn:
+        """The token's velocity field for `solve`; guided: v = v_null + scale (v_cond - v_null) (fp32)."""
+
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            v = self.head(x, None, None, mods=self.at(t))
+            return v.float() if scale is None else torch.lerp(v[1].float(), v[0].float(), scale)
+
+        return velocity
 
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def guided_velocity(head: FlowHead, h: torch.Tensor, scale: float | None = None) -> VelocityFn:
-    """The velocity field of one token for the solver, x [N, d] -> v [N, d] (fp32).
+    """The velocity field of one token for the solver, x [N, d] -> v [N, d] (fp32), one full head call per
+    evaluation (the reference the sampling engine is tested against; other heads reuse it).
 
     scale None: v = v_w(x, t, h) with h [N, C]. Otherwise classifier-free guidance on the velocity:
     h = [h_cond; h_null] [2N, C], both rows see the same x (hence share the noise), and
@@ -142,13 +218,26 @@ def noise_draws(sampler: str, steps: int) -> int:
     return 1 + (steps if sampler == "euler_maruyama" else 0)
 
 
+def solver_times(sampler: str, steps: int) -> list[float]:
+    """The times at which `solve` evaluates the velocity, in order (the same floats it passes)."""
+    if sampler == "euler_maruyama":
+        dt = (1.0 - EM_LAST_STEP) / steps
+        return [i * dt for i in range(steps)] + [1.0 - EM_LAST_STEP]
+    dt = 1.0 / steps
+    if sampler == "heun":  # predictor at t_i, corrector at t_i+1, except on the last step
+        return [t for i in range(steps) for t in ((i * dt, (i + 1) * dt) if i + 1 < steps else (i * dt,))]
+    return [i * dt for i in range(steps)]
+
+
 def solve(velocity: VelocityFn, noise: torch.Tensor, sampler: str = "euler", steps: int = 50,
           temperature: float = 1.0) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 0 to 1 starting at x0 = temperature * noise[:, 0].
+    """Integrate dx/dt = v(x, t) from t = 0 to 1 starting at x0 = temperature * noise[:, 0]; the state is
+    updated in place (velocity must return a fresh tensor).
 
     noise [N, noise_draws(sampler, steps), d]: row k's randomness, so a sample never depends on its batch.
     - euler: x += v(x, t) dt with dt = 1/N (Eq. 9); N evaluations.
-    - heun: Euler predictor + trapezoid corrector on each of N steps; 2N evaluations.
+    - heun: Euler predictor + trapezoid corrector on each step but the last, which is a plain Euler step
+      (EDM, Karras et al. 2022: the corrector there would evaluate v at t = 1); 2N - 1 evaluations.
     - euler_maruyama: over t in [0, 0.96] with dt = 0.96/N, score = (t v - x) / (1 - t) (as x = eps + t v
       gives E[eps | x] = x - t v), x += (v + (1 - t) score) dt + temperature * sqrt(2 (1 - t) dt) xi, then
       one deterministic Euler step of 0.04 with v at t = 0.96; N + 1 evaluations.
@@ -158,22 +247,21 @@ def solve(velocity: VelocityFn, noise: torch.Tensor, sampler: str = "euler", ste
     if steps < 1:
         raise ValueError(f"the flow solver needs at least 1 step, got {steps}")
     x = temperature * noise[:, 0].float()
-    if sampler == "euler":
-        dt = 1.0 / steps
-        for i in range(steps):
-            x = x + dt * velocity(x, i * dt)
-    elif sampler == "heun":
-        dt = 1.0 / steps
-        for i in range(steps):
-            v1 = velocity(x, i * dt)
-            v2 = velocity(x + dt * v1, (i + 1) * dt)
-            x = x + 0.5 * dt * (v1 + v2)
-    else:
+    if sampler == "euler_maruyama":
         dt = (1.0 - EM_LAST_STEP) / steps
         for i in range(steps):
             t = i * dt
+            # drift v + (1 - t) score = (1 + t) v - x, so x <- (1 - dt) x + (1 + t) dt v + sigma xi
             v = velocity(x, t)
-            score = (t * v - x) / (1 - t)
-            x = x + (v + (1 - t) * score) * dt + temperature * math.sqrt(2 * (1 - t) * dt) * noise[:, 1 + i]
-        x = x + EM_LAST_STEP * velocity(x, 1.0 - EM_LAST_STEP)
+            x.mul_(1.0 - dt).add_(v, alpha=(1.0 + t) * dt)
+            x.add_(noise[:, 1 + i], alpha=temperature * math.sqrt(2 * (1 - t) * dt))
+        return x.add_(velocity(x, 1.0 - EM_LAST_STEP), alpha=EM_LAST_STEP)
+    dt = 1.0 / steps
+    for i in range(steps):
+        v = velocity(x, i * dt)
+        if sampler == "heun" and i + 1 < steps:
+            v2 = velocity(torch.add(x, v, alpha=dt), (i + 1) * dt)
+            x.add_(v, alpha=0.5 * dt).add_(v2, alpha=0.5 * dt)
+        else:
+            x.add_(v, alpha=dt)
     return x

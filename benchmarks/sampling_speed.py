@@ -1,0 +1,123 @@
+"""Sampling speed of spheregen against a re-implementation of the authors' sampling loop, side by side in one
+process (issue 20; paper App. G names the flow head the inference bottleneck).
+
+Both sample the same random-weight model: dim 256, 4 layers (4 heads of 64), head 3 x 256, 16 class tokens,
+8 x 8 tokens of d = 16 on the radius-4 sphere, CFG 4.5 with the linear schedule, Euler-Maruyama with 100 head
+steps, B = 16, and decode with the same 75M S-VAE decoder (configs/tokenizer/paper_256.toml at 128 px). Runs
+alternate (authors, spheregen, authors, ...) after one warm-up each; the speed-up is the ratio of the medians.
+Extra arms (`--arms`) time spheregen's few-step settings in the same process (Euler with 1 and 2 steps on a
+MeanFlow head of the same size). Use 2 threads as the issue does:
+
+    /tmp/cpurun -2 python benchmarks/sampling_speed.py            # writes benchmarks/results/sampling_speed_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from authors_sampler import authors_sample  # noqa: E402
+
+CONFIG = dict(token_dim=16, grid=(8, 8), radius=4.0, num_classes=1000, dim=256, n_layers=4, n_heads=4,
+              n_cls_tokens=16, head_depth=3, head_width=256, head_adaln=1)
+FEW_STEP = {"meanflow_1": ("meanflow", "euler", 1), "meanflow_2": ("meanflow", "euler", 2)}
+
+
+def build(flow: str = "euclidean"):
+    """The benchmark's AR model (random weights, the head's zero-init layers randomised too) and decoder."""
+    from spheregen.config import from_dict, installed_file, load_toml
+    from spheregen.models.ar import ARConfig, SphereAR
+    from spheregen.models.tokenizer import Tokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    model = SphereAR(ARConfig(**CONFIG, flow=flow)).eval()
+    for p in model.head.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    tok = load_toml(installed_file("spheregen", "configs", "tokenizer", "paper_256.toml"))["model"]
+    tok.update(image_size=128, disc_weight=0.0, perceptual="none")
+    return model, Tokenizer(from_dict(TokenizerConfig, tok, "model.")).eval()
+
+
+def timed(fn) -> tuple[float, float]:
+    """(sampling seconds, decoding seconds) of fn() -> (tokens, decode closure)."""
+    t0 = time.perf_counter()
+    tokens, decode = fn()
+    t1 = time.perf_counter()
+    decode(tokens)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def measure(args) -> Path:
+    torch.set_num_threads(args.threads)
+    model, decoder = build()
+    B, steps, cfg = args.batch, args.steps, args.cfg
+    labels = torch.arange(B) % CONFIG["num_classes"]
+    seeds = list(range(B))
+    def arm(m, sampler: str, n: int, authors: bool = False):
+        """fn(warm) -> (tokens, decode); a warm-up runs 2 head steps at most."""
+        def fn(warm: bool = False):
+            k = min(n, 2) if warm else n
+            z = authors_sample(m, labels, cfg, k) if authors else m.generate(labels, seeds, sampler, k, cfg, "linear")
+            return z, lambda z: decoder.decode(z, project=True)
+        return fn
+
+    arms = {"authors": arm(model, "euler_maruyama", steps, authors=True),
+            "spheregen": arm(model, "euler_maruyama", steps)}
+    for name in [a for a in args.arms.split(",") if a]:
+        flow, sampler, n = FEW_STEP[name]
+        arms[name] = arm(build(flow)[0], sampler, n)
+    with torch.no_grad():
+        for fn in arms.values():
+            fn(warm=True)
+        runs = {name: [] for name in arms}
+        for r in range(args.repeats):
+            for name, fn in arms.items():
+                runs[name].append(timed(fn))
+                print(f"run {r} {name}: sampling {runs[name][-1][0]:.2f} s, decode {runs[name][-1][1]:.2f} s",
+                      flush=True)
+    summary = {}
+    for name, rs in runs.items():
+        total = [a + b for a, b in rs]
+        summary[name] = {"median_total_s": statistics.median(total), "median_sampling_s": statistics.median(
+            a for a, _ in rs), "median_decode_s": statistics.median(b for _, b in rs),
+            "images_per_s": B / statistics.median(total), "runs_s": [[round(a, 4), round(b, 4)] for a, b in rs]}
+    base = summary["authors"]["median_total_s"]
+    for name, s in summary.items():
+        s["speedup_vs_authors"] = base / s["median_total_s"]
+        s["speedup_vs_authors_sampling_only"] = summary["authors"]["median_sampling_s"] / s["median_sampling_s"]
+        print(f"{name}: {s['median_total_s']:.2f} s median ({s['images_per_s']:.2f} images/s), "
+              f"{s['speedup_vs_authors']:.2f}x the authors' loop ({s['speedup_vs_authors_sampling_only']:.2f}x "
+              f"without the decode)")
+    out = Path(args.out) if args.out else harness.RESULTS / "sampling_speed_cpu.json"
+    return harness.write_json(out, {
+        "experiment": "sampling_speed", "hardware": harness.hardware(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "config": {**CONFIG, "batch": B, "cfg": cfg, "cfg_schedule": "linear", "sampler": "euler_maruyama",
+                   "head_steps": steps, "decoder": "paper_256 S-VAE at 128 px (75.4M parameters)",
+                   "precision": "fp32", "compile": False, "repeats": args.repeats},
+        "arms": summary})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=100, help="Euler-Maruyama head steps of both loops")
+    p.add_argument("--cfg", type=float, default=4.5)
+    p.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each arm (at least 3)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arms", default="", help=f"extra spheregen arms: comma list of {', '.join(FEW_STEP)}")
+    p.add_argument("--out", help="result JSON (default benchmarks/results/sampling_speed_cpu.json)")
+    args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3 (a median of alternating runs)")
+    return harness.report(lambda: measure(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

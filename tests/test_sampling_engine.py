@@ -1,0 +1,125 @@
+"""The lean sampling engine: precomputed AdaLN tables = one full head call per step, EDM Heun, batched per-image
+noise (the old per-token stream, batch-independent), and the authors' loop re-implementation (benchmarks/)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spheregen.models import flow_head
+from spheregen.models.ar import ARConfig, SeededNoise, SphereAR
+from spheregen.models.flow_head import FlowHead, guided_velocity, noise_draws, solve, solver_times
+from spheregen.models.heads import build_head
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+SAMPLERS = ("euler", "heun", "euler_maruyama")
+
+
+def random_head(flow: str = "euclidean", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    head = build_head(flow, 3, 8, 32, 4, 2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    return head
+
+
+@pytest.mark.parametrize("flow", ["euclidean", "meanflow"])
+@pytest.mark.parametrize("scale", [None, 3.0])
+def test_precomputed_tables_equal_a_full_head_call_per_step(flow, scale):
+    head = random_head(flow)
+    h = torch.randn(10, 8)
+    x = torch.randn(5 if scale else 10, 3)
+    for sampler in ("heun", "euler_maruyama"):  # instantaneous velocities: the reference is forward(x, t, h)
+        table = flow_head.ModulationTable(head, h, head.eval_times(sampler, 4), guided=scale is not None)
+        lean, ref = table.velocity(scale), guided_velocity(head, h, scale)
+        for t in solver_times(sampler, 4):
+            torch.testing.assert_close(lean(x, t), ref(x, t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_head_sample_equals_the_reference_solve(sampler, monkeypatch):
+    """Also with tables made a few steps at a time (chunks much smaller than a token's steps)."""
+    head = random_head()
+    h, noise = torch.randn(8, 8), torch.randn(4, noise_draws(sampler, 6), 3)
+    ref = solve(guided_velocity(head, h, 2.5), noise, sampler, 6)
+    torch.testing.assert_close(head.sample(h, noise, 2.5, sampler, 6), ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(flow_head, "TABLE_BYTES", 8 * 32 * 11 * 4 * 2)  # two evaluations per chunk
+    torch.testing.assert_close(head.sample(h, noise, 2.5, sampler, 6), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_heun_skips_the_corrector_on_the_last_step():
+    seen = []
+
+    def velocity(x, t):
+        seen.append(t)
+        return torch.ones_like(x)
+
+    x = solve(velocity, torch.zeros(2, 1, 3), "heun", 5)
+    assert len(seen) == 2 * 5 - 1 and max(seen) < 1.0 and seen == solver_times("heun", 5)
+    assert torch.allclose(x, torch.ones(2, 3))  # a constant field is still integrated exactly
+
+
+@pytest.mark.parametrize("dim, draws", [(16, 5), (3, 2)])  # one generator call per chunk / per token
+def test_seeded_noise_is_the_per_token_stream_whatever_the_batch(dim, draws):
+    seeds = [4, 9, 2]
+    src = SeededNoise(seeds, draws, dim, torch.device("cpu"), tokens=5)
+    taken = [src.take(2)] + [src.take(1) for _ in range(4)]  # token 0 solved per row (cond, null), then shared
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        expect = [torch.randn(draws, dim, generator=g) for _ in range(6)]
+        assert torch.equal(taken[0][i], expect[0]) and torch.equal(taken[0][3 + i], expect[1])
+        for k in range(1, 5):
+            assert torch.equal(taken[k][i], expect[k + 1])
+    alone = SeededNoise(seeds[1:2], draws, dim, torch.device("cpu"), tokens=5)
+    assert torch.equal(alone.take(2), taken[0][[1, 4]])
+
+
+def tiny_model(flow: str = "euclidean") -> SphereAR:
+    torch.manual_seed(0)
+    model = SphereAR(ARConfig(token_dim=16, grid=(2, 3), radius=2.0, num_classes=3, dim=32, n_layers=2,
+                              n_heads=2, mlp_multiple_of=8, n_cls_tokens=4, head_depth=2, head_width=32,
+                              head_adaln=1, flow=flow)).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("flow", ["euclidean", "meanflow"])
+def test_generate_is_deterministic_batch_independent_cached_and_on_the_sphere(flow):
+    model = tiny_model(flow)
+    kw = dict(sampler="euler_maruyama", steps=3, cfg=3.0)
+    a = model.generate([0, 1, 2], [5, 6, 7], **kw)
+    assert torch.equal(a, model.generate([0, 1, 2], [5, 6, 7], **kw))
+    torch.testing.assert_close(model.generate([1], [6], **kw)[0], a[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.generate([0, 1, 2], [5, 6, 7], use_cache=False, **kw), a, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(a.norm(dim=-1), torch.full(a.shape[:2], 2.0), atol=1e-5)
+    assert (a[0] - a[1]).abs().max() > 1e-2
+
+
+def test_the_authors_loop_reimplementation_follows_generate_with_its_noise():
+    """benchmarks/authors_sampler.py (global-RNG noise, full head call per step) = generate with that noise and
+    the authors' independent token 0, so the speed benchmark compares the same computation."""
+    from authors_sampler import authors_sample
+
+    model, drawn, steps = tiny_model(), [], 4
+
+    def randn(like):
+        drawn.append(torch.randn(like.shape))
+        return drawn[-1]
+
+    labels = torch.tensor([2, 0])
+    theirs = authors_sample(model, labels, 4.5, steps, randn)
+    noise = [torch.stack(drawn[k * (steps + 1):(k + 1) * (steps + 1)], dim=1) for k in range(model.seq_len)]
+    ours = model.generate(labels, [0, 0], steps=steps, cfg=4.5, noise=noise, first_token="independent")
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert len(drawn) == model.seq_len * (steps + 1) and drawn[0].shape[0] == 4 and drawn[-1].shape[0] == 2
+
+
+def test_flow_head_still_trains_with_the_shared_modulation_path():
+    head = FlowHead(token_dim=3, cond_dim=5, width=16, depth=2, n_adaln=1)
+    loss = head.loss(torch.randn(64, 3), torch.randn(64, 5))
+    loss.backward()
+    assert all(p.grad is not None for p in head.parameters())
