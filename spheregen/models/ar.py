@@ -222,33 +222,31 @@ class SphereAR(PretrainedMixin, nn.Module):
         labels = self._check_labels(labels, B, device)
         guided = cfg is not None and self.num_classes > 0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if noise is None:
+            noise = SeededNoise(seeds, self.head.noise_draws(sampler, steps), c.token_dim, device, T)
         amp = AMP_DTYPES[precision] if precision else (torch.bfloat16 if device.type == "cuda" else None)
         dtype = amp or self.proj_in.weight.dtype
         autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         caches = ([KVCache(len(rows), c.n_heads, c.n_cls_tokens + T - 1, c.dim // c.n_heads, device, dtype)
                    for _ in self.blocks] if use_cache else None)
+        tokens = torch.empty(B, T, c.token_dim, device=device)
         new = self._class_tokens(rows)  # the inputs not seen yet
-        seq, start, tokens = new, 0, []
+        seq, start = new, 0
         with autocast:
             for k in tqdm(range(T), disable=not progress, leave=False, desc="tokens", dynamic_ncols=True):
-                if use_cache:
-                    h = self._run(new, start, caches)[:, -1]
-                    start += new.shape[1]
-                else:
-                    h = self._run(seq)[:, -1]
+                h = self._run(new, start, caches)[:, -1] if use_cache else self._run(seq)[:, -1]
+                start += new.shape[1]
                 scale = cfg_scale(cfg, k, T, cfg_schedule) if guided else None
                 split = independent and scale == 1.0  # the authors' token 0: rows not mixed at s_k = 1
-                noise_k = noise[k] if noise is not None else seeded_noise(gens, self.head.noise_draws(sampler, steps),
-                                                                          c.token_dim, 2 if split else 1)
-                z = self.solve_token(h + self.pos_for_diff.weight[k], noise_k.to(device), None if split else scale,
+                noise_k = noise.take(2 if split else 1) if isinstance(noise, SeededNoise) else noise[k].to(device)
+                z = self.solve_token(h + self.pos_for_diff.weight[k], noise_k, None if split else scale,
                                      sampler, steps, temperature)
-                tokens.append(z[:B])
+                tokens[:, k] = z[:B]
                 if k + 1 < T:
                     new = self._latent_tokens(z[:, None])
                     new = new.repeat(2, 1, 1) if guided and not split else new
                     seq = torch.cat([seq, new], dim=1) if not use_cache else seq
-        return torch.stack(tokens, dim=1)
+        return tokens
 
     def _check_sampling(self, sampler: str, steps: int, cfg_schedule: str, first_token: str,
                         precision: str | None = None) -> bool:
@@ -307,11 +305,37 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             "cls_embedding": model.cls_embedding.weight.numel()}
 
 
-def seeded_noise(gens: list[torch.Generator], draws: int, dim: int, per_image: int = 1) -> torch.Tensor:
-    """[per_image * B, draws, dim] standard normals, image i's rows from its own generator only (its cond
-    row's draw first, then its null row's): row j * B + i is image i's j-th draw."""
-    per = [[torch.randn(draws, dim, generator=g) for _ in range(per_image)] for g in gens]
-    return torch.stack([per[i][j] for j in range(per_image) for i in range(len(gens))])
+class SeededNoise:
+    """Every image's noise from its own generator, in one order whatever the batch: token by token, the
+    draws of its cond row, then (for a token solved per row) of its null row; `take` serves one token.
+
+    One generator call per image draws many tokens at once (chunks of about 8 MB). When draws * dim is a
+    multiple of 16, torch's CPU normal sampler (which fills whole blocks of 16 values) gives exactly the
+    values of one call per token, so the chunking changes no sample; otherwise it draws one token per call.
+    """
+
+    def __init__(self, seeds: list[int], draws: int, dim: int, device: torch.device, tokens: int):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.draws, self.dim, self.device = draws, dim, device
+        self.aligned = (draws * dim) % 16 == 0
+        self.chunk = max(1, min(tokens + 1, (1 << 23) // (len(seeds) * draws * dim * 4))) if self.aligned else 1
+        self.buf = torch.empty(len(seeds), 0, draws, dim, device=device)  # [B, draw sets, draws, d]
+
+    def take(self, per_image: int = 1) -> torch.Tensor:
+        """The next `per_image` draw sets of every image: [per_image * B, draws, d], row j * B + i holding image
+        i's j-th set, stored step-major so that a solver step's slice [:, s] is contiguous."""
+        if self.buf.shape[1] < per_image:
+            n = max(per_image - self.buf.shape[1], self.chunk)
+            fresh = torch.stack([self._draw(g, n) for g in self.gens])
+            self.buf = torch.cat([self.buf, fresh.to(self.device)], dim=1)
+        out, self.buf = self.buf[:, :per_image], self.buf[:, per_image:]
+        # [B, j, draws, d] -> [draws, j * B, d] (contiguous) -> [j * B, draws, d]
+        return out.permute(2, 1, 0, 3).reshape(self.draws, -1, self.dim).transpose(0, 1)
+
+    def _draw(self, g: torch.Generator, n: int) -> torch.Tensor:
+        if self.aligned:
+            return torch.randn(n, self.draws, self.dim, generator=g)
+        return torch.stack([torch.randn(self.draws, self.dim, generator=g) for _ in range(n)])
 
 
 def cfg_scale(cfg: float, k: int, T: int, schedule: str) -> float:
