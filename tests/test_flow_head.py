@@ -55,8 +55,8 @@ def test_ode_solvers_converge_to_the_exact_flow(sampler):
                     for n in (8, 32)]
     if sampler == "euler":  # first order: 4x the steps, ~4x smaller error
         assert fine < 0.07 and 3 < coarse / fine < 5
-    else:  # second order: ~16x smaller
-        assert fine < 2e-3 and coarse / fine > 8
+    else:  # second order: ~16x smaller (the last step is plain Euler, EDM style, so the constant is larger)
+        assert fine < 5e-3 and coarse / fine > 8
 
 
 def test_euler_maruyama_samples_the_target_distribution():
