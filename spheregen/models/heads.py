@@ -7,11 +7,13 @@ from __future__ import annotations
 from torch import nn
 
 from spheregen.models.flow_head import FlowHead
+from spheregen.models.meanflow_head import MeanFlowHead
 from spheregen.models.riemannian_head import RiemannianFlowHead
 
 HEADS: dict[str, type[nn.Module]] = {
     "euclidean": FlowHead,  # rectified flow in R^d from Gaussian noise (SphereAR Sec. 3.2, Eq. 7-9)
     "riemannian": RiemannianFlowHead,  # geodesic flow on S^{d-1}(R) from the uniform law (Chen & Lipman 2023)
+    "meanflow": MeanFlowHead,  # average velocity u(x_t, t, r) for 1-2 step sampling (Geng et al. 2025)
 }
 FLOW_TYPES = tuple(HEADS)
 
