@@ -57,6 +57,12 @@ def timed(fn) -> tuple[float, float]:
 def measure(args) -> Path:
     torch.set_num_threads(args.threads)
     model, decoder = build()
+    if args.compile:  # both loops' networks through torch.compile, as the authors' code decorates them
+        import authors_sampler
+
+        authors_sampler._head = torch.compile(authors_sampler._head, dynamic=False)
+        authors_sampler._forward_model = torch.compile(authors_sampler._forward_model, dynamic=False)
+        model.head.compile(dynamic=False)
     B, steps, cfg = args.batch, args.steps, args.cfg
     labels = torch.arange(B) % CONFIG["num_classes"]
     seeds = list(range(B))
@@ -95,12 +101,13 @@ def measure(args) -> Path:
         print(f"{name}: {s['median_total_s']:.2f} s median ({s['images_per_s']:.2f} images/s), "
               f"{s['speedup_vs_authors']:.2f}x the authors' loop ({s['speedup_vs_authors_sampling_only']:.2f}x "
               f"without the decode)")
-    out = Path(args.out) if args.out else harness.RESULTS / "sampling_speed_cpu.json"
+    suffix = "_compile" if args.compile else ""
+    out = Path(args.out) if args.out else harness.RESULTS / f"sampling_speed_cpu{suffix}.json"
     return harness.write_json(out, {
         "experiment": "sampling_speed", "hardware": harness.hardware(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "config": {**CONFIG, "batch": B, "cfg": cfg, "cfg_schedule": "linear", "sampler": "euler_maruyama",
                    "head_steps": steps, "decoder": "paper_256 S-VAE at 128 px (75.4M parameters)",
-                   "precision": "fp32", "compile": False, "repeats": args.repeats},
+                   "precision": "fp32", "compile": args.compile, "repeats": args.repeats},
         "arms": summary})
 
 
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each arm (at least 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--arms", default="", help=f"extra spheregen arms: comma list of {', '.join(FEW_STEP)}")
+    p.add_argument("--compile", action="store_true", help="torch.compile both loops' networks (spheregen: the head)")
     p.add_argument("--out", help="result JSON (default benchmarks/results/sampling_speed_cpu.json)")
     args = p.parse_args(argv)
     if args.repeats < 3:

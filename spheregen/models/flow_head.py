@@ -30,7 +30,7 @@ from spheregen.layers import SwiGLU
 
 SAMPLERS = ("euler", "euler_maruyama", "heun")
 EM_LAST_STEP = 0.04  # the Euler-Maruyama sampler ends with one deterministic Euler step of this size
-TABLE_BYTES = 1 << 25  # precomputed AdaLN outputs are made in chunks of solver steps of at most ~32 MB
+TABLE_BYTES = 1 << 21  # precomputed AdaLN outputs come in chunks of solver steps of ~2 MB (cache-sized)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -136,6 +136,14 @@ class FlowHead(nn.Module):
         v = self(xt, t, h).float()
         return (v - (x1 - eps)).pow(2).mean()
 
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile the network in place (what `spheregen sample --compile` does); on CUDA the default
+        mode is "reduce-overhead", which replays each solver step as a CUDA graph (untested here: no GPU)."""
+        on_cuda = any(p.is_cuda for p in self.parameters())
+        if on_cuda and not args and "mode" not in kwargs and "options" not in kwargs:
+            kwargs["mode"] = "reduce-overhead"
+        super().compile(*args, **kwargs)
+
     def noise_draws(self, sampler: str, steps: int) -> int:
         """Standard-normal vectors per token that `sample` consumes with this sampler and step count."""
         return noise_draws(sampler, steps)
@@ -232,7 +240,7 @@ def solver_times(sampler: str, steps: int) -> list[float]:
 def solve(velocity: VelocityFn, noise: torch.Tensor, sampler: str = "euler", steps: int = 50,
           temperature: float = 1.0) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 0 to 1 starting at x0 = temperature * noise[:, 0]; the state is
-    updated in place (velocity must return a fresh tensor).
+    updated in place and each velocity is used up before the next call.
 
     noise [N, noise_draws(sampler, steps), d]: row k's randomness, so a sample never depends on its batch.
     - euler: x += v(x, t) dt with dt = 1/N (Eq. 9); N evaluations.
@@ -260,8 +268,9 @@ def solve(velocity: VelocityFn, noise: torch.Tensor, sampler: str = "euler", ste
     for i in range(steps):
         v = velocity(x, i * dt)
         if sampler == "heun" and i + 1 < steps:
-            v2 = velocity(torch.add(x, v, alpha=dt), (i + 1) * dt)
-            x.add_(v, alpha=0.5 * dt).add_(v2, alpha=0.5 * dt)
+            y = torch.add(x, v, alpha=dt)
+            x.add_(v, alpha=0.5 * dt)  # v is used up before the next call (a CUDA graph may reuse its memory)
+            x.add_(velocity(y, (i + 1) * dt), alpha=0.5 * dt)
         else:
             x.add_(v, alpha=dt)
     return x
