@@ -1,0 +1,172 @@
+"""Images/s against quality of SphereAR's samplers (issue 20): the Euclidean (rectified-flow) head with Euler, Heun
+and Euler-Maruyama at 1-100 head steps, and the few-step MeanFlow head (models/meanflow_head.py) at 1, 2 and 4
+Euler steps (average velocities), plus its own 100-step Euler-Maruyama (instantaneous velocities).
+
+Both AR models are trained at the same budget on the same spherical tokenizer's latents, in the folder the flow
+ablation uses (benchmarks/ablate_flow.py: runs/ablate/flow_<data>-<budget>/), so its tokenizer, latents and
+Euclidean AR model are shared when they exist (and trained here when not). Every cell: `per_class` images per
+class (image k from seed `seed + k`), CFG 2 with the constant schedule (the CFG of benchmarks/seed_spread.py),
+batch 100, decoding included; images/s (this process's threads), Inception FID, class accuracy, dFID. The
+verdict: the MeanFlow cells with <= 2 head evaluations per token against the Euclidean head's 100-step
+Euler-Maruyama cell (the authors' default sampler), within 2 sd of benchmarks/results/seed_spread_<data>_<budget>.json.
+
+    /tmp/cpurun python benchmarks/sampling_quality.py --data data/mnist28            # --budget cpu
+    python benchmarks/sampling_quality.py --markdown benchmarks/results/sampling_quality_mnist28_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from ablate_posterior import AR_CONFIG, tokenizer_config  # noqa: E402
+
+CFG = 2.0
+GRID = {"euclidean": [(s, n) for s in ("euler", "heun", "euler_maruyama") for n in (1, 2, 5, 25, 100)],
+        "meanflow": [("euler", 1), ("euler", 2), ("euler", 4), ("euler_maruyama", 100)]}
+IMAGES = harness.ROOT / "docs" / "images"
+
+
+def evaluations(sampler: str, steps: int) -> int:
+    """Head evaluations per token (Heun: 2N - 1, Euler-Maruyama: N + 1)."""
+    return {"euler": steps, "heun": 2 * steps - 1, "euler_maruyama": steps + 1}[sampler]
+
+
+def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds) -> tuple[Path, dict]:
+    """The shared spherical tokenizer and latents, and one AR model per head (trained or reused)."""
+    from spheregen.cli.demo import run_spheregen, train_or_resume
+
+    dev = ["--device", device]
+    tok = train_or_resume("tokenizer", tokenizer_config(ds.image_size, ds.channels), runs / "tokenizer-spherical",
+                          "--data", data, "--set", "model.posterior=spherical", "--set", "train.eval_every=0",
+                          "--set", f"train.ckpt_every={budget.tokenizer_steps}", *dev, steps=budget.tokenizer_steps)
+    latents = runs / "latents-spherical"
+    if not (latents / "meta.json").is_file():
+        run_spheregen("encode", "--tokenizer", str(tok), "--data", data, "--split", "train", "--out", str(latents),
+                      *dev)
+    ars = {flow: train_or_resume("ar", AR_CONFIG, runs / f"ar-{flow}", "--data", data, "--latents", str(latents),
+                                 "--set", f"model.flow={flow}", "--set", f"train.ckpt_every={budget.ar_steps}", *dev,
+                                 steps=budget.ar_steps) for flow in GRID}
+    return tok, ars
+
+
+def measure(args) -> Path:
+    from spheregen.data.datasets import ImageDataset
+    from spheregen.generation import load_generator
+
+    budget = harness.get_budget(args.budget, args.set)
+    ds = ImageDataset(args.data)
+    name = f"sampling_quality_{Path(args.data).name}"
+    tag = args.budget + ("-custom" if args.set else "")
+    runs = Path(args.runs) if args.runs else harness.ROOT / "runs" / "ablate" / f"flow_{Path(args.data).name}-{tag}"
+    out = Path(args.out) if args.out else harness.RESULTS / f"{name}_{tag}.json"
+    tok, ars = train_models(args.data, runs, budget, args.device, ds)
+    labels = harness.class_labels(ds.num_classes, budget.per_class)
+    rows = []
+    for flow, grid in GRID.items():
+        model = load_generator(str(ars[flow]), device=args.device)
+        cells = harness.Cells(runs / f"quality-{flow}", budget)
+        for sampler, steps in grid:
+            def cell(sampler=sampler, steps=steps, model=model, flow=flow) -> dict:
+                opts = {"cfg": CFG, "cfg_schedule": "constant", "sampler": sampler, "steps": steps}
+                model.generate_images(labels[:2], [0, 1], opts)  # warm-up
+                images, sec = harness.generate_all(model, labels, budget.seed, opts)
+                return {"flow": flow, "sampler": sampler, "steps": steps, "evals": evaluations(sampler, steps),
+                        "images_per_s": 1.0 / sec, **harness.score(images, labels, args.data, budget, args.device)}
+
+            rows.append(cells.get(f"{sampler}_{steps}", cell))
+    spread_file = harness.RESULTS / f"seed_spread_{Path(args.data).name}_{args.budget}.json"
+    spread = json.loads(spread_file.read_text())["spread"] if spread_file.is_file() else None
+    return harness.write_json(out, harness.header(name, args.budget, budget, {
+        "data": args.data, "num_classes": ds.num_classes, "cfg": CFG, "cfg_schedule": "constant", "batch_size": 100,
+        "tokenizer": str(tok), "ar": {k: str(v) for k, v in ars.items()}, "ar_config": AR_CONFIG,
+        "seed_spread": spread, "seed_spread_file": str(spread_file), "rows": rows}))
+
+
+# -- the results section ------------------------------------------------------------------------------------
+def verdicts(res: dict) -> list[dict]:
+    """Each MeanFlow cell with <= 2 evaluations against the Euclidean 100-step Euler-Maruyama cell: FID at most
+    2 sd worse, accuracy at most 2 sd lower (sd of the seed-spread file), and its images/s ratio."""
+    ref = next(r for r in res["rows"] if r["flow"] == "euclidean" and r["sampler"] == "euler_maruyama"
+               and r["steps"] == 100)
+    sd = res.get("seed_spread") or {}
+    out = []
+    for r in res["rows"]:
+        if r["flow"] != "meanflow" or r["evals"] > 2:
+            continue
+        fid_ok = r["fid"] <= ref["fid"] + 2 * sd["fid"]["sd"] if "fid" in sd else None
+        acc_ok = (r["acc"] >= ref["acc"] - 2 * sd["acc"]["sd"]) if "acc" in sd and r.get("acc") is not None else None
+        out.append({"cell": r, "ref": ref, "fid_ok": fid_ok, "acc_ok": acc_ok,
+                    "speedup": r["images_per_s"] / ref["images_per_s"]})
+    return out
+
+
+def plot(res: dict, path: Path) -> Path:
+    """FID and class accuracy against images/s, one line per head and sampler, labelled with head steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    for i, (m, label) in enumerate([("fid", "FID"), ("acc", "class accuracy")]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for flow, sampler in dict.fromkeys((r["flow"], r["sampler"]) for r in res["rows"]):
+            rows = [r for r in res["rows"] if (r["flow"], r["sampler"]) == (flow, sampler) and r.get(m) is not None]
+            ax.plot([r["images_per_s"] for r in rows], [r[m] for r in rows], marker="o", label=f"{flow} {sampler}")
+            for r in rows:
+                ax.annotate(str(r["steps"]), (r["images_per_s"], r[m]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(xlabel="images / s (log)", ylabel=label, xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{Path(res['data']).name}: images/s against quality (CFG {res['cfg']:g}; labels: head steps)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def section(res: dict) -> list[str]:
+    from results_page import f, settings, table
+
+    data = Path(res["data"]).name
+    b = res["budget_values"]
+    img = plot(res, IMAGES / f"sampling_quality_{data}_{res['budget']}.png")
+    rows = [[r["flow"], r["sampler"], r["steps"], r["evals"], f(r["images_per_s"], ".2f"), f(r["fid"]),
+             f(r.get("acc"), ".3f"), f(r["dfid"])] for r in res["rows"]]
+    out = [f"### {data}", "", settings(res, f"AR {b['ar_steps']} steps ({res['ar_config']}) per head on the same "
+                                       f"latents, CFG {res['cfg']:g} constant, batch 100, decoding included, "
+                                       "images/s on 1 thread; "), "",
+           table(["head", "sampler", "head steps", "evals / token", "images/s", "FID", "acc", "dFID"], rows), "",
+           f"![images/s against quality, {data}](images/{img.name})", ""]
+    sd = res.get("seed_spread") or {}
+    for v in verdicts(res):
+        c, ref = v["cell"], v["ref"]
+        ok = "meets" if v["fid_ok"] and v["acc_ok"] else "does not meet"
+        out.append(f"- **MeanFlow, {c['evals']} evaluation(s) per token:** FID {c['fid']:.1f} vs {ref['fid']:.1f} "
+                   f"(100-step Euler-Maruyama, Euclidean head), accuracy {f(c.get('acc'), '.3f')} vs "
+                   f"{f(ref.get('acc'), '.3f')}; 2 sd of seed noise: FID {2 * sd.get('fid', {}).get('sd', 0):.1f}, "
+                   f"accuracy {2 * sd.get('acc', {}).get('sd', 0):.3f} → **{ok}** the quality bar, at "
+                   f"{v['speedup']:.1f}x the images/s.")
+    return out + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/mnist28", help="dataset directory: MNIST-28 (data/mnist28) or emoji-32")
+    p.add_argument("--markdown", nargs="+", metavar="JSON",
+                   help="print the results section of these result files (and write their plots), run nothing")
+    harness.add_common_args(p)
+    args = p.parse_args(argv)
+    if args.markdown:
+        print("\n".join(line for res in args.markdown for line in section(json.loads(Path(res).read_text()))))
+        return 0
+    return harness.report(lambda: measure(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
