@@ -64,14 +64,22 @@ def measure(args) -> Path:
         authors_sampler._forward_model = torch.compile(authors_sampler._forward_model, dynamic=False)
         model.head.compile(dynamic=False)
     B, steps, cfg = args.batch, args.steps, args.cfg
+    amp = {"fp32": None, "bf16": torch.bfloat16}[args.precision]  # the networks' autocast, both loops
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+            return decoder.decode(z, project=True)
     labels = torch.arange(B) % CONFIG["num_classes"]
     seeds = list(range(B))
     def arm(m, sampler: str, n: int, authors: bool = False):
         """fn(warm) -> (tokens, decode); a warm-up runs 2 head steps at most."""
         def fn(warm: bool = False):
             k = min(n, 2) if warm else n
-            z = authors_sample(m, labels, cfg, k) if authors else m.generate(labels, seeds, sampler, k, cfg, "linear")
-            return z, lambda z: decoder.decode(z, project=True)
+            if authors:
+                z = authors_sample(m, labels, cfg, k, amp=amp)
+            else:
+                z = m.generate(labels, seeds, sampler, k, cfg, "linear", precision=args.precision)
+            return z, decode
         return fn
 
     arms = {"authors": arm(model, "euler_maruyama", steps, authors=True),
@@ -101,13 +109,13 @@ def measure(args) -> Path:
         print(f"{name}: {s['median_total_s']:.2f} s median ({s['images_per_s']:.2f} images/s), "
               f"{s['speedup_vs_authors']:.2f}x the authors' loop ({s['speedup_vs_authors_sampling_only']:.2f}x "
               f"without the decode)")
-    suffix = "_compile" if args.compile else ""
+    suffix = ("_compile" if args.compile else "") + ("" if args.precision == "fp32" else f"_{args.precision}")
     out = Path(args.out) if args.out else harness.RESULTS / f"sampling_speed_cpu{suffix}.json"
     return harness.write_json(out, {
         "experiment": "sampling_speed", "hardware": harness.hardware(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "config": {**CONFIG, "batch": B, "cfg": cfg, "cfg_schedule": "linear", "sampler": "euler_maruyama",
                    "head_steps": steps, "decoder": "paper_256 S-VAE at 128 px (75.4M parameters)",
-                   "precision": "fp32", "compile": args.compile, "repeats": args.repeats},
+                   "precision": args.precision, "compile": args.compile, "repeats": args.repeats},
         "arms": summary})
 
 
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each arm (at least 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--arms", default="", help=f"extra spheregen arms: comma list of {', '.join(FEW_STEP)}")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the networks' autocast in both loops (the authors sample under bf16 autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile both loops' networks (spheregen: the head)")
     p.add_argument("--out", help="result JSON (default benchmarks/results/sampling_speed_cpu.json)")
     args = p.parse_args(argv)
