@@ -123,3 +123,27 @@ def test_flow_head_still_trains_with_the_shared_modulation_path():
     loss = head.loss(torch.randn(64, 3), torch.randn(64, 5))
     loss.backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_quality_verdict_compares_few_step_cells_with_the_100_step_default(tmp_path, monkeypatch):
+    import sampling_quality
+
+    monkeypatch.setattr(sampling_quality, "IMAGES", tmp_path)
+    rows = [{"flow": "euclidean", "sampler": "euler_maruyama", "steps": 100, "evals": 101, "images_per_s": 1.0,
+             "fid": 60.0, "acc": 0.90, "dfid": 1.5},
+            {"flow": "meanflow", "sampler": "euler", "steps": 1, "evals": 1, "images_per_s": 40.0, "fid": 62.0,
+             "acc": 0.88, "dfid": 1.6},
+            {"flow": "meanflow", "sampler": "euler", "steps": 2, "evals": 2, "images_per_s": 25.0, "fid": 70.0,
+             "acc": 0.95, "dfid": 1.6},
+            {"flow": "meanflow", "sampler": "euler", "steps": 4, "evals": 4, "images_per_s": 12.0, "fid": 59.0,
+             "acc": 0.95, "dfid": 1.6}]
+    res = {"data": "data/mnist28", "budget": "cpu", "cfg": 2.0, "num_classes": 10, "hardware": "test", "date": "-",
+           "ar_config": "c", "rows": rows, "seed_spread": {"fid": {"sd": 1.5}, "acc": {"sd": 0.03}},
+           "budget_values": {"ar_steps": 1000, "per_class": 10, "seed": 0, "ref_n": 1000}}
+    v = sampling_quality.verdicts(res)
+    assert [x["cell"]["steps"] for x in v] == [1, 2]  # only cells with <= 2 evaluations per token
+    assert (v[0]["fid_ok"], v[0]["acc_ok"], v[1]["fid_ok"]) == (True, True, False)
+    assert v[0]["speedup"] == 40.0
+    text = "\n".join(sampling_quality.section(res))
+    assert "**meets**" in text and "**does not meet**" in text
+    assert (tmp_path / "sampling_quality_mnist28_cpu.png").is_file()
