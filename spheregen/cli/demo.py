@@ -82,7 +82,7 @@ def make_plan(args: argparse.Namespace, ds: ImageDataset, data_dir: Path, out: P
                         "give the demo at least a few minutes")
     configs = budget.derive_configs(args.model, ds.image_size, ds.channels, data_dir)
     budget.apply_overrides(configs, args.set)
-    shares = dict(STAGE_SHARES[args.model])
+    shares = dict(STAGE_SHARES[args.model + ("_rgb" if args.model == "sphere_ar" and ds.channels == 3 else "")])
     if args.model == "sphere_ar" and args.tokenizer_share is not None:
         shares = {"tokenizer": args.tokenizer_share, "ar": 1 - args.tokenizer_share}
     train_s = left * (1 - SWEEP_SHARE - (ENCODE_SHARE if args.model == "sphere_ar" else 0))
@@ -258,7 +258,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p.add_argument("--sweep-per-class", type=int, help="samples per class for each guidance setting of the sweep "
                                                        "(default: fit the budget)")
     p.add_argument("--tokenizer-share", type=float, help="the tokenizer's share of SphereAR's training time "
-                                                          f"(default {STAGE_SHARES['sphere_ar']['tokenizer']})")
+                                                          f"(default {STAGE_SHARES['sphere_ar']['tokenizer']}, "
+                                                          f"RGB {STAGE_SHARES['sphere_ar_rgb']['tokenizer']})")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=VALUE",
                    help="override a derived config value, e.g. --set ar.train.lr=2e-3 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo of this model in --out")
