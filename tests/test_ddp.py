@@ -42,7 +42,7 @@ def _same(a_dir, b_dir, keys=None, atol=1e-5):
         a = load_weights(list_checkpoints(a_dir)[-1], use_ema=use_ema)
         b = load_weights(list_checkpoints(b_dir)[-1], use_ema=use_ema)
         assert a.keys() == b.keys()
-        for k in keys if keys is not None and not use_ema else a:
+        for k in keys if keys is not None else a:
             assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (a_dir.name, k,
                                                                                  (a[k] - b[k]).abs().max())
 
