@@ -301,8 +301,8 @@ def test_sphere_ar_generate_cache_seeds_and_loss():
 
 
 def test_cli_trains_and_samples_the_riemannian_head(tiny, tmp_path):
-    from spheregen.models import load_model
     from spheregen.cli import main
+    from spheregen.models import load_model
 
     assert main(["encode", "--tokenizer", str(tiny / "tok"), "--data", str(tiny / "d28"), "--out",
                  str(tmp_path / "lat"), "--device", "cpu"]) == 0
@@ -318,3 +318,40 @@ def test_cli_trains_and_samples_the_riemannian_head(tiny, tmp_path):
     assert main(["sample", "--ckpt", str(ckpt), "--n", "1", "--classes", "0,1", "--cfg", "2", "--steps", "3",
                  "--sampler", "heun", "--out", str(out), "--device", "cpu"]) == 0
     assert out.is_file()
+
+
+# -- the ablation script (benchmarks/ablate_flow.py) ----------------------------------------------------------
+def _ablate_flow():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("ablate_flow")
+
+
+def _fake_result(gap: float, sd: float) -> dict:
+    """Two arms whose FIDs differ by `gap` in every cell, seed sets with FID sd `sd`."""
+    def cells(shift, key, xs):
+        return [{"cfg": x if key == "cfg" else 2.0, "steps": x if key == "steps" else 25, "fid": 50.0 + shift + x,
+                 "acc": 0.9, "dfid": 1.0, "seconds_per_image": 0.1} for x in xs]
+
+    def arm(name, shift):
+        seeds = [{"fid": 50.0 + shift + d, "acc": 0.9 + d / 100, "dfid": 1.0} for d in (-sd, 0.0, sd)]
+        return {"arm": name, "cfg_cells": cells(shift, "cfg", (1.0, 2.0)), "step_cells": cells(shift, "steps", (1, 25)),
+                "seed_cells": seeds, "seed_spread": _ablate_flow().spread(seeds)}
+
+    return {"data": "data/mnist28", "budget": "cpu", "num_classes": 10, "hardware": "test", "date": "now",
+            "tokenizer_config": "t", "ar_config": "a", "real": {"fid": 40.0, "acc": 1.0, "dfid": 0.5},
+            "budget_values": {"per_class": 10, "seed": 0, "ref_n": 1000, "head_steps": 25, "tokenizer_steps": 1,
+                              "ar_steps": 1}, "arms": [arm("euclidean", 0.0), arm("riemannian", gap)]}
+
+
+@pytest.mark.parametrize("gap,expected", [(10.0, "riemannian worse"), (-10.0, "riemannian better"),
+                                          (1.0, "within noise")])
+def test_flow_ablation_verdicts_against_seed_noise(tmp_path, monkeypatch, gap, expected):
+    flow = _ablate_flow()
+    monkeypatch.setattr(flow, "IMAGES", tmp_path)
+    text = "\n".join(flow.section(_fake_result(gap, sd=2.0)))  # seed sd 2: a verdict needs a gap of 4
+    assert f"{expected} 4" in text  # all 4 cells get the same verdict
+    assert (tmp_path / "flow_mnist28_cpu.png").is_file()
