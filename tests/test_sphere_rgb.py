@@ -57,3 +57,27 @@ def test_sphere_rgb_rejects_an_unknown_arm(capsys):
 
     assert sphere_rgb.main(["--arms", "retuned,nope", "--budget", "smoke"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sphere_rgb_benchmark_end_to_end(tmp_path, monkeypatch):
+    """Both arms train, every cell is scored against a real floor, the edits run, and the page shows them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results_page
+    import sphere_rgb
+
+    monkeypatch.chdir(ROOT)
+    data = rgb_data(tmp_path / "data", 32, n=120)
+    out, images = tmp_path / "sphere_emoji32_smoke.json", tmp_path / "images"
+    argv = ["--data", str(data), "--budget", "smoke", "--device", "cpu", "--runs", str(tmp_path / "runs"),
+            "--out", str(out), "--images", str(images)]
+    assert sphere_rgb.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [a["arm"] for a in res["arms"]] == list(sphere_rgb.ARMS)
+    assert res["real"]["n_samples"] == res["arms"][0]["cells"][0]["n_samples"]
+    plain = [c["steps"] for c in res["arms"][1]["cells"]]
+    assert plain == [1, 2, 4, 6]
+    assert len(res["arms"][0]["cells"]) > len(plain)  # the reference arm adds CFG positions and fresh noise
+    assert {Path(e["image"]).name for e in res["edits"]} == {p.name for p in images.glob("*.png")}
+    page = "\n".join(results_page.sphere_rgb_section(res))
+    assert all(f"images/{Path(e['image']).name}" in page for e in res["edits"])
