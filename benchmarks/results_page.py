@@ -298,6 +298,23 @@ def sphere_section(res: dict) -> list[str]:
     return out
 
 
+def sphere_rgb_section(res: dict) -> list[str]:
+    """benchmarks/sphere_rgb.py: the emoji arms' tables and grids, then the editing examples it ran."""
+    b = res["budget_values"]
+    out = ["### RGB: emoji32, the retuned config against its old settings", "",
+           f"`python benchmarks/sphere_rgb.py --set sphere_steps={b['sphere_steps']} --set per_class={b['per_class']}`"
+           f": {res['config']} as shipped (retuned) and with its settings before the MNIST retune (old).", ""]
+    out += sphere_section(res)
+    if res.get("edits"):
+        a, b = res["edit_inputs"]["A"], res["edit_inputs"]["B"]
+        out += [f"Editing the retuned checkpoint (A and B are the first held-out images of classes {a} and {b}; "
+                "the script ran each command as shown):", ""]
+    for e in res.get("edits", []):
+        cmd = f": `{e['command']}`" if e.get("command") else ""
+        out += [f"- {e['caption']}{cmd}", "", f"  ![{e['name']}](images/{Path(e['image']).name})", ""]
+    return out
+
+
 def load(name: str, budget: str, results: Path = harness.RESULTS) -> dict | None:
     path = results / f"{name}_{budget}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -356,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                   "--runs runs/ablate/sphere_mnist32-cpu-30min --out benchmarks/results/sphere_mnist32_cpu-30min.json` "
                   "(without the link it trains the same config itself).", ""]
         lines += sphere_section(long_run)
+    emoji = load("sphere_emoji32", "cpu-custom", results) if bud == "cpu" else None
+    lines += sphere_rgb_section(emoji) if emoji else []
     if DISCUSSION.is_file():
         lines += ["## Discussion", "", DISCUSSION.read_text().strip(), ""]
     out = Path(args.out)
