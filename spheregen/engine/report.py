@@ -119,6 +119,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def time_lines(plan: dict, timings: dict) -> list[str]:
     planned = {s["name"]: s["expected_s"] for s in plan.get("stages", [])}
+    if "sweep" in plan:
+        planned["sweep"] = plan["sweep"]["expected_s"]
     rows = [[name, _fmt(planned[name] / 60 if name in planned else None, ".1f"), f"{sec / 60:.1f}"]
             for name, sec in timings.items()]
     rows.append(["total", _fmt(plan.get("budget_s", 0) / 60, ".1f"), f"{sum(timings.values()) / 60:.1f}"])
