@@ -182,7 +182,8 @@ def section(res: dict) -> list[str]:
     other = res.get("seed_spread_file")
     extra = (f"; benchmarks/seed_spread.py (Euclidean, euler_maruyama, 5 sets): FID sd {other['fid']['sd']:.1f}, "
              f"acc sd {other['acc']['sd']:.3f}") if other else ""
-    out += [f"Seed noise, CFG {STEPS_CFG:g} at {b['head_steps']} head steps on {SEED_SETS} disjoint seed sets per "
+    n_sets = min(len(a["seed_cells"]) for a in res["arms"])
+    out += [f"Seed noise, CFG {STEPS_CFG:g} at {b['head_steps']} head steps on {n_sets} disjoint seed sets per "
             f"arm (mean ± sd): {'; '.join(parts)}{extra}. A verdict needs a gap of 2 sd of the larger: FID "
             f"{2 * noise_sd(res, 'fid'):.1f}, accuracy {2 * noise_sd(res, 'acc'):.3f}.", ""]
     cfg_table, t1 = comparison_table(res, "cfg_cells", "cfg")
@@ -190,6 +191,8 @@ def section(res: dict) -> list[str]:
     out += [f"Against CFG ({b['head_steps']} head steps):", ""] + cfg_table + [""]
     out += [f"Against head steps (CFG {STEPS_CFG:g}):", ""] + step_table + ["", f"![flow heads, {data}](images/"
                                                                               f"{img.name})", ""]
+    out += ["s/img is the wall time per image of each cell (sampling and decoding, batch 100) as it ran, the arms "
+            "not side by side on a shared machine: a rough cost, not a speed comparison.", ""]
     best = {a["arm"]: min(a["cfg_cells"] + a["step_cells"], key=lambda c: c["fid"]) for a in res["arms"]}
     tally = {k: t1.get(k, 0) + t2.get(k, 0) for k in set(t1) | set(t2)}
     out += [f"- **Best FID:** euclidean {best['euclidean']['fid']:.1f} (CFG {best['euclidean']['cfg']:g}, "
