@@ -355,3 +355,26 @@ def test_flow_ablation_verdicts_against_seed_noise(tmp_path, monkeypatch, gap, e
     text = "\n".join(flow.section(_fake_result(gap, sd=2.0)))  # seed sd 2: a verdict needs a gap of 4
     assert f"{expected} 4" in text  # all 4 cells get the same verdict
     assert (tmp_path / "flow_mnist28_cpu.png").is_file()
+
+
+@pytest.mark.slow
+def test_flow_ablation_smoke_run(tmp_path, monkeypatch):
+    """The whole script at the smoke budget: shared tokenizer, both arms trained, every cell scored, resumable."""
+    import json
+    from pathlib import Path
+
+    from test_benchmarks import small_mnist
+
+    flow = _ablate_flow()
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["--data", small_mnist(tmp_path, 28), "--budget", "smoke", "--device", "cpu", "--runs",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "flow.json")]
+    assert flow.main(argv) == 0
+    res = json.loads((tmp_path / "flow.json").read_text())
+    assert [a["arm"] for a in res["arms"]] == ["euclidean", "riemannian"]
+    for arm in res["arms"]:
+        assert [c["steps"] for c in arm["step_cells"]] == [1, 2, 5] and len(arm["seed_cells"]) == flow.SEED_SETS
+        cfg = json.loads((Path(arm["ar"]) / "config.json").read_text())
+        assert cfg["model"]["flow"] == arm["arm"]
+    assert len(list((tmp_path / "runs").glob("tokenizer-*"))) == 1  # one tokenizer for both arms
+    assert flow.main(argv) == 0  # a second run reuses every training and cell
