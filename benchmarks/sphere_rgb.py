@@ -88,8 +88,9 @@ def make_edits(ckpt: str, data: str, runs: Path, images: Path, device: str) -> l
         argv = ["edit", *[a.format(**inputs) for a in args], "--ckpt", ckpt, "--out", str(images / f"{name}.png"),
                 "--device", device]
         run_spheregen(*argv)
-        out.append({"name": name, "caption": caption, "image": argv[argv.index("--out") + 1],
-                    "command": "spheregen " + " ".join(argv)})
+        rel = [a.replace(f"{harness.ROOT}/", "") for a in argv]  # paths as typed in the repository
+        out.append({"name": name, "caption": caption, "image": rel[rel.index("--out") + 1],
+                    "command": "spheregen " + " ".join(rel)})
     return out
 
 
