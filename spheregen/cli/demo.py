@@ -131,8 +131,8 @@ def replan_ar(plan: dict, clock: StageClock, out: Path, start: float) -> None:
     steps = budget.rescale_steps(budget.StagePlan(**{k: ar[k] for k in ("name", "seconds", "step_s", "steps")}),
                                  left, slowdown)
     if steps != ar["steps"]:
-        print(f"the tokenizer stepped {slowdown:.2f}x slower than measured: the AR gets {steps} steps, "
-              f"not {ar['steps']}")
+        print(f"the tokenizer's steps took {slowdown:.2f}x their measured time; the AR gets {steps} steps, "
+              f"not {ar['steps']}, to fit the time left")
         cfg = load_config("ar", plan["configs"]["ar"])
         cfg["train"] = budget.fit_schedule(cfg["train"], steps, ar["step_s"] * max(slowdown, 1.0))
         write_toml(Path(plan["configs"]["ar"]), cfg)
