@@ -126,7 +126,7 @@ def comparison_table(res: dict, key: str, x: str) -> tuple[list[str], dict]:
     for ce, cr in zip(e, r):
         fid_call = call(cr["fid"] - ce["fid"], sd_f)
         acc_call = call(cr["acc"] - ce["acc"], sd_a, lower_is_better=False) if ce.get("acc") is not None else "n/a"
-        tally[fid_call] = tally.get(fid_call, 0) + 1
+        tally[(ce["cfg"], ce["steps"])] = fid_call
         rows.append([f"{ce[x]:g}", f(ce["fid"]), f(cr["fid"]), f(cr["fid"] - ce["fid"]), fid_call,
                      f(ce.get("acc"), ".3f"), f(cr.get("acc"), ".3f"), acc_call, f(ce["dfid"]), f(cr["dfid"]),
                      f(ce["seconds_per_image"], ".3f"), f(cr["seconds_per_image"], ".3f")])
@@ -194,11 +194,12 @@ def section(res: dict) -> list[str]:
     out += ["s/img is the wall time per image of each cell (sampling and decoding, batch 100) as it ran, the arms "
             "not side by side on a shared machine: a rough cost, not a speed comparison.", ""]
     best = {a["arm"]: min(a["cfg_cells"] + a["step_cells"], key=lambda c: c["fid"]) for a in res["arms"]}
-    tally = {k: t1.get(k, 0) + t2.get(k, 0) for k in set(t1) | set(t2)}
+    calls = list({**t1, **t2}.values())  # one verdict per distinct cell (CFG 2 at the budget's steps is in both)
+    tally = {k: calls.count(k) for k in set(calls)}
     out += [f"- **Best FID:** euclidean {best['euclidean']['fid']:.1f} (CFG {best['euclidean']['cfg']:g}, "
             f"{best['euclidean']['steps']} steps), riemannian {best['riemannian']['fid']:.1f} (CFG "
             f"{best['riemannian']['cfg']:g}, {best['riemannian']['steps']} steps).",
-            f"- **FID verdicts over the {sum(tally.values())} cells:** "
+            f"- **FID verdicts over the {sum(tally.values())} distinct cells:** "
             + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())) + ".", ""]
     return out
 
