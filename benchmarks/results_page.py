@@ -23,6 +23,9 @@ from spheregen.eval.evaluate import plot_metric_curve  # noqa: E402
 DOCS = harness.ROOT / "docs"
 IMAGES = DOCS / "images" / "results"
 DISCUSSION = harness.ROOT / "benchmarks" / "results_discussion.md"
+# sections 5-6 (issues 20-21), assembled from `sampling_quality.py --markdown`, `ablate_flow.py --markdown` and the
+# sampling_speed JSONs with their readings; kept verbatim here so a regeneration does not drop them
+SECTIONS = harness.ROOT / "benchmarks" / "results_sections.md"
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += sphere_section(long_run)
     emoji = load("sphere_emoji32", "cpu-custom", results) if bud == "cpu" else None
     lines += sphere_rgb_section(emoji) if emoji else []
+    if SECTIONS.is_file():
+        lines += [SECTIONS.read_text().strip(), ""]
     if DISCUSSION.is_file():
         lines += ["## Discussion", "", DISCUSSION.read_text().strip(), ""]
     out = Path(args.out)
