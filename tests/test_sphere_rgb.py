@@ -67,7 +67,7 @@ def test_sphere_rgb_benchmark_end_to_end(tmp_path, monkeypatch):
     import sphere_rgb
 
     monkeypatch.chdir(ROOT)
-    data = rgb_data(tmp_path / "data", 32, n=120)
+    data = rgb_data(tmp_path / "data", 32, n=180, classes=9)  # the edits use emoji class ids up to 8
     out, images = tmp_path / "sphere_emoji32_smoke.json", tmp_path / "images"
     argv = ["--data", str(data), "--budget", "smoke", "--device", "cpu", "--runs", str(tmp_path / "runs"),
             "--out", str(out), "--images", str(images)]
