@@ -134,10 +134,13 @@ class SpherePipeline:
                  generator: torch.Generator | None = None, num_images: int | None = None, batch_size: int = 64,
                  output_type: str = "pil", return_dict: bool = True, **options) -> PipelineOutput | tuple:
         """Images for `class_labels` (num_images of each when given; for an unconditional model num_images in
-        all). guidance_scale: the CFG scale (default 1 = none); num_inference_steps: the model's steps;
-        further keywords: the model's own sampling options. Image k uses seed `seed + k`."""
+        all). guidance_scale: the CFG scale; num_inference_steps: the model's steps; further keywords: the model's
+        own sampling options. Unset options take the checkpoint's default_sampling (generation.store_default_sampling),
+        else the model's defaults (CFG 1 = none). Image k uses seed `seed + k`."""
         start = time.perf_counter()
         labels = self._labels(class_labels, num_images)
+        # the checkpoint's recommended settings (e.g. the demo's guidance sweep) first, then the caller's
+        options = {**(getattr(self.model, "default_sampling", None) or {}), **options}
         if guidance_scale is not None:
             options["cfg"] = float(guidance_scale)
         if num_inference_steps is not None:

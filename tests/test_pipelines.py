@@ -1,6 +1,7 @@
 """The pipeline API (spheregen.pipelines) and examples/generate.py on tiny untrained checkpoints."""
 
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from spheregen.errors import UserError
-from spheregen.generation import load_generator, sample_images
+from spheregen.generation import load_generator, sample_images, store_default_sampling
 from spheregen.models.sphere_encoder import SphereEncoder
 from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
 from spheregen.pipelines import SphereARPipeline, SphereEncoderPipeline, pipeline_for
@@ -41,6 +42,28 @@ def test_ar_pipeline_matches_sample_images(tiny):
     a = pipe(3, num_inference_steps=2, generator=g, output_type="np", return_dict=False)[0]
     b = pipe(3, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np").images
     assert a.dtype == np.uint8 and np.array_equal(a, b)
+
+
+def test_pipeline_starts_from_the_checkpoints_default_sampling(tiny_se, tmp_path, monkeypatch):
+    """A checkpoint's stored default sampling (what the demo's sweep writes) is what the pipeline uses unless
+    the caller overrides it, as `spheregen sample` does."""
+    import spheregen.pipelines as pipelines
+
+    ckpt = tmp_path / "se"
+    shutil.copytree(tiny_se, ckpt)
+    store_default_sampling(ckpt, {"cfg": 1.5, "steps": 2})
+    seen = []
+    real = pipelines.sample_images
+    monkeypatch.setattr(pipelines, "sample_images", lambda model, labels, seed, bs, opts, **kw: (
+        seen.append((opts.cfg, opts.steps)) or real(model, labels, seed, bs, opts, **kw)))
+    stored, plain = SphereEncoderPipeline.from_pretrained(ckpt), SphereEncoderPipeline.from_pretrained(tiny_se)
+    out = stored([0, 2], seed=3, output_type="pt").images
+    assert torch.equal(out, plain([0, 2], 1.5, 2, seed=3, output_type="pt").images)
+    plain([0, 2], seed=3, output_type="pt")
+    stored([0, 2], 1.0, 1, seed=3, output_type="pt")  # the caller's settings win
+    default = SphereEncoderPipeline.from_pretrained(tiny_se).model.sampling_options({})
+    assert seen == [(1.5, 2), (1.5, 2), (default.cfg, default.steps), (1.0, 1)]
+    assert (default.cfg, default.steps) != (1.5, 2)
 
 
 def test_ar_pipeline_options_and_errors(tiny):
