@@ -137,11 +137,7 @@ def comparison_table(res: dict, key: str, x: str) -> tuple[list[str], dict]:
 
 def plot(res: dict, path: Path) -> Path:
     """FID and class accuracy against CFG and against head steps, bars = +-1 sd of each arm's seed sets."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 6.5))
-    FigureCanvasAgg(fig)
+    fig = harness.figure((9, 6.5))
     panels = [("cfg_cells", "cfg", "fid", "FID"), ("cfg_cells", "cfg", "acc", "class accuracy"),
               ("step_cells", "steps", "fid", "FID"), ("step_cells", "steps", "acc", "class accuracy")]
     for i, (key, x, m, label) in enumerate(panels):
@@ -156,11 +152,8 @@ def plot(res: dict, path: Path) -> Path:
         ax.set(xlabel=xlabel, ylabel=label, xscale="log" if x == "steps" else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(res['data']).name}: Euclidean vs Riemannian flow head (bars: ±1 sd over seed sets)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    title = f"{Path(res['data']).name}: Euclidean vs Riemannian flow head (bars: ±1 sd over seed sets)"
+    return harness.save_figure(fig, title, path, dpi=90)
 
 
 def section(res: dict) -> list[str]:

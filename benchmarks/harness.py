@@ -182,6 +182,25 @@ def save_examples(images: torch.Tensor, num_classes: int, per_class: int, path: 
     return save_grid(images[idx], rows, path)
 
 
+def figure(size: tuple[float, float]):
+    """A matplotlib Figure on the Agg canvas (no display, no pyplot state) for the benchmark plots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, title: str, path: Path, dpi: int = 90) -> Path:
+    """Title, tight layout, and a PNG at `path` (its folder created)."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def run_arms(args, name: str, known: dict, run_arm: Callable, extra: Callable) -> Path:
     """The arm-by-arm ablations' driver: check --arms against `known`, score real images once (the floor), run
     `run_arm(arm, data, runs, budget, device, dataset) -> dict` for each arm, write the JSON; returns its path.

@@ -107,11 +107,7 @@ def verdicts(res: dict) -> list[dict]:
 
 def plot(res: dict, path: Path) -> Path:
     """FID and class accuracy against images/s, one line per head and sampler, labelled with head steps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.2))
-    FigureCanvasAgg(fig)
+    fig = harness.figure((10, 4.2))
     for i, (m, label) in enumerate([("fid", "FID"), ("acc", "class accuracy")]):
         ax = fig.add_subplot(1, 2, i + 1)
         for flow, sampler in dict.fromkeys((r["flow"], r["sampler"]) for r in res["rows"]):
@@ -123,11 +119,8 @@ def plot(res: dict, path: Path) -> Path:
         ax.set(xlabel="images / s (log)", ylabel=label, xscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{Path(res['data']).name}: images/s against quality (CFG {res['cfg']:g}; labels: head steps)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    title = f"{Path(res['data']).name}: images/s against quality (CFG {res['cfg']:g}; labels: head steps)"
+    return harness.save_figure(fig, title, path, dpi=80)
 
 
 def section(res: dict) -> list[str]:
