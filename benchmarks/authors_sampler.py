@@ -56,13 +56,19 @@ def _attention(blk, x, freqs, cache, pos: torch.Tensor, mask: torch.Tensor) -> t
     return attn.proj(out.transpose(1, 2).contiguous().view(B, T, C))
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """LlamaGen's RMSNorm as separate ops: x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight."""
+    y = x.float()
+    return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x) * norm.weight
+
+
 def _forward_model(model, x, caches, pos: torch.Tensor, freqs, mask) -> torch.Tensor:
     """emb_norm -> blocks (KV cache) -> norm for the positions `pos`."""
-    x = model.emb_norm(x)
+    x = _rms_norm(model.emb_norm, x)
     for blk, cache in zip(model.blocks, caches):
-        h = x + _attention(blk, blk.norm1(x), freqs[pos], cache, pos, mask)
-        x = h + blk.mlp(blk.norm2(h))
-    return model.norm(x)
+        h = x + _attention(blk, _rms_norm(blk.norm1, x), freqs[pos], cache, pos, mask)
+        x = h + blk.mlp(_rms_norm(blk.norm2, h))
+    return _rms_norm(model.norm, x)
 
 
 def _head(head, x, t, c) -> torch.Tensor:
