@@ -140,7 +140,7 @@ def installed_file(package: str, *parts: str) -> Path | None:
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # `spheregen train KIND` -> the folder of its shipped configs
-CONFIG_KINDS = {"tokenizer": "tokenizer", "ar": "ar", "sphere": "sphere"}
+CONFIG_KINDS = {"tokenizer": "tokenizer", "ar": "ar", "sphere": "sphere", "distill": "distill"}
 
 
 def shipped_configs(kind: str) -> list[str]:

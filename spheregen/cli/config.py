@@ -9,6 +9,7 @@ from spheregen.cli import HelpFormatter
 from spheregen.config import CONFIG_KINDS, config_path, from_dict, load_config, shipped_configs, to_dict
 from spheregen.engine.trainer import TrainConfig
 from spheregen.models.ar import ARConfig
+from spheregen.models.meanflow_head import DistillConfig
 from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
 from spheregen.models.tokenizer import TokenizerConfig
 
@@ -21,12 +22,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     """The config as training will see it: every [model] and [train] field (defaults included), types checked."""
-    model_cls = {"tokenizer": TokenizerConfig, "ar": ARConfig, "sphere": SphereEncoderConfig}[args.kind]
+    section, model_cls = {"tokenizer": ("model", TokenizerConfig), "ar": ("model", ARConfig),
+                          "sphere": ("model", SphereEncoderConfig), "distill": ("distill", DistillConfig)}[args.kind]
     raw = load_config(CONFIG_KINDS[args.kind], args.config, args.set)
     resolved = {"file": str(config_path(CONFIG_KINDS[args.kind], args.config)),
-                "model": to_dict(from_dict(model_cls, raw.get("model", {}), "model.")),
+                section: to_dict(from_dict(model_cls, raw.get(section, {}), f"{section}.")),
                 "train": to_dict(from_dict(TrainConfig, raw.get("train", {}), "train.")),
-                **{k: v for k, v in raw.items() if k not in ("model", "train")}}
+                **{k: v for k, v in raw.items() if k not in (section, "train")}}
     print(json.dumps(resolved, indent=2))
     return 0
 

@@ -22,7 +22,7 @@ from spheregen.errors import UserError
 from spheregen.generation import resolve_checkpoint
 
 SETUPS = {"tokenizer": "spheregen.engine.tokenizer_setup", "ar": "spheregen.engine.ar_setup",
-          "sphere": "spheregen.engine.sphere_encoder_setup"}
+          "sphere": "spheregen.engine.sphere_encoder_setup", "distill": "spheregen.engine.distill_setup"}
 
 
 def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
@@ -32,7 +32,8 @@ def run_training(kind: str, config: dict, args: argparse.Namespace) -> dict:
         train_cfg.steps = args.steps
     torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed (not the process's RNG)
     model, dataset, eval_fn = importlib.import_module(SETUPS[kind]).training_setup(config, args)
-    config_dict = {"model": to_dict(model.config), "data": config.get("data", {}), "kind": kind}
+    config_dict = {"model": to_dict(model.config), "data": config.get("data", {}), "kind": kind,
+                   **({"distill": config["distill"]} if "distill" in config else {})}
     run_dir = Path(args.out)
     trainer = Trainer(model, dataset, train_cfg, run_dir, config_dict=config_dict, eval_fn=eval_fn,
                       device=getattr(args, "device", None))
@@ -77,6 +78,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     add_device_option(p)
     p.add_argument("--tokenizer", help="tokenizer checkpoint directory, or the authors' vae.pt, a path or hf: "
                                        "(for `train ar`)")
-    p.add_argument("--latents", help="latent cache from `spheregen encode` (for `train ar`)")
+    p.add_argument("--latents", help="latent cache from `spheregen encode` (for `train ar` and `train distill`)")
+    p.add_argument("--teacher", help="the trained Euclidean AR run or checkpoint a MeanFlow head is distilled from "
+                                     "(for `train distill`)")
     p.add_argument("--no-cache", action="store_true", help="encode images on the fly instead of using --latents")
     p.set_defaults(func=_cmd_train)
