@@ -9,7 +9,7 @@ from spheregen.cli import HelpFormatter
 from spheregen.config import CONFIG_KINDS, config_path, from_dict, load_config, shipped_configs, to_dict
 from spheregen.engine.trainer import TrainConfig
 from spheregen.models.ar import ARConfig
-from spheregen.models.meanflow_head import DistillConfig
+from spheregen.models.meanflow_distill import DistillConfig
 from spheregen.models.sphere_encoder_nets import SphereEncoderConfig
 from spheregen.models.tokenizer import TokenizerConfig
 

@@ -83,8 +83,10 @@ class ARConfig:
     head_depth: int = 6
     head_width: int = 768
     head_adaln: int = 2  # shared AdaLN linears, each used by head_depth / head_adaln blocks
-    flow: str = "euclidean"  # the head's flow (models/heads.py): "euclidean" rectified flow (the paper), or
-    # "riemannian" flow matching on the radius-R sphere (the paper's future work)
+    flow: str = "euclidean"  # the head's flow (models/heads.py): "euclidean" rectified flow (the paper),
+    # "riemannian" flow matching on the radius-R sphere (the paper's future work), or "meanflow" (few-step)
+    head_guidance: bool = False  # the head takes the CFG scale as an input (a MeanFlow head distilled with
+    # guidance folded in): sampling then runs only the conditional rows
     # training
     class_dropout: float = 0.1
     diff_batch_mul: int = 4  # independent (t, eps) draws per target token
@@ -121,7 +123,8 @@ class SphereAR(PretrainedMixin, nn.Module):
         self.norm = RMSNorm(c.dim)
         self.pos_for_diff = nn.Embedding(self.seq_len, c.dim)  # the target token's position, added before the head
         check_choice("model.flow", c.flow, FLOW_TYPES)
-        self.head = build_head(c.flow, c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln, c.radius)
+        self.head = build_head(c.flow, c.token_dim, c.dim, c.head_width, c.head_depth, c.head_adaln, c.radius,
+                               guidance_input=c.head_guidance)
         # RoPE: class tokens at (0, 0); input latent k at its own patch centre (col + 1.5, row + 1.5)
         head_dim = c.dim // c.n_heads
         patches = rope_angles(grid_positions(*c.grid, offset=1.5), head_dim, c.rope_theta)
@@ -187,19 +190,16 @@ class SphereAR(PretrainedMixin, nn.Module):
         if self.num_classes == 0:
             labels = torch.full_like(labels, self.null_class)
         h = self.hidden_states(z, labels)
-        loss = self.head.loss(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), self.config.diff_batch_mul)
+        extra = {}
+        if getattr(self.head, "needs_null_condition", False):  # distilling guidance into the head
+            with torch.no_grad():
+                h_null = self.hidden_states(z, torch.full_like(labels, self.null_class))
+            extra["h_null"] = h_null.reshape(-1, h_null.shape[-1])
+        loss = self.head.loss(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), self.config.diff_batch_mul,
+                              **extra)
         return loss, {"flow": loss.detach()}
 
     # -- sampling -----------------------------------------------------------------------------------
-    def _check_labels(self, labels, n: int, device: torch.device) -> torch.Tensor:
-        if self.num_classes == 0:
-            return torch.full((n,), self.null_class, dtype=torch.long, device=device)
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if len(labels) != n:
-            raise UserError(f"{len(labels)} labels for {n} seeds; pass one class per sample")
-        check_class_ids(labels.tolist(), self.num_classes)
-        return labels.to(device)
-
     @torch.no_grad()
     def generate(self, labels, seeds: list[int], sampler: str = "euler_maruyama", steps: int = 100,
                  cfg: float | None = None, cfg_schedule: str = "linear", temperature: float = 1.0,
@@ -219,8 +219,9 @@ class SphereAR(PretrainedMixin, nn.Module):
         c, device = self.config, self.rope.device
         independent = self._check_sampling(sampler, steps, cfg_schedule, first_token or c.first_token, precision)
         B, T = len(seeds), self.seq_len
-        labels = self._check_labels(labels, B, device)
-        guided = cfg is not None and self.num_classes > 0
+        labels = sampling_labels(labels, B, self.num_classes, device)
+        guided = cfg is not None and self.num_classes > 0 and not c.head_guidance
+        scale_input = cfg is not None and self.num_classes > 0 and c.head_guidance  # w is the head's input
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         if noise is None:
             noise = SeededNoise(seeds, self.head.noise_draws(sampler, steps), c.token_dim, device, T)
@@ -236,8 +237,8 @@ class SphereAR(PretrainedMixin, nn.Module):
             for k in tqdm(range(T), disable=not progress, leave=False, desc="tokens", dynamic_ncols=True):
                 h = self._run(new, start, caches)[:, -1] if use_cache else self._run(seq)[:, -1]
                 start += new.shape[1]
-                scale = cfg_scale(cfg, k, T, cfg_schedule) if guided else None
-                split = independent and scale == 1.0  # the authors' token 0: rows not mixed at s_k = 1
+                scale = cfg_scale(cfg, k, T, cfg_schedule) if guided or scale_input else None
+                split = guided and independent and scale == 1.0  # the authors' token 0: rows not mixed at s_k = 1
                 noise_k = noise.take(2 if split else 1) if isinstance(noise, SeededNoise) else noise[k].to(device)
                 z = self.solve_token(h + self.pos_for_diff.weight[k], noise_k, None if split else scale,
                                      sampler, steps, temperature)
@@ -296,6 +297,18 @@ class SphereAR(PretrainedMixin, nn.Module):
         if isinstance(options, ARSampling):
             return options
         return from_dict(ARSampling, dict(options or {}), "")
+
+
+def sampling_labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """One class id per sample as a tensor on `device` (all the null class, num_classes, when unconditional);
+    a UserError for a wrong count or an unknown class."""
+    if num_classes == 0:
+        return torch.full((n,), num_classes, dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) != n:
+        raise UserError(f"{len(labels)} labels for {n} seeds; pass one class per sample")
+    check_class_ids(labels.tolist(), num_classes)
+    return labels.to(device)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -89,9 +89,10 @@ class FlowHead(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def time_features(self, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
-        """t_emb = MLP(sinusoid(1000 t)) [N, C]. r, the end time of an average velocity, is the MeanFlow
-        head's; this (instantaneous) flow does not use it."""
+    def time_features(self, t: torch.Tensor, r: torch.Tensor | None = None,
+                      w: torch.Tensor | None = None) -> torch.Tensor:
+        """t_emb = MLP(sinusoid(1000 t)) [N, C]. r, the end time of an average velocity, and w, a CFG scale
+        taken as an input, are the MeanFlow head's; this (instantaneous) flow uses neither."""
         return self.time_embed(timestep_embedding(t).to(self.input_proj.weight.dtype))
 
     def modulations(self, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
@@ -168,11 +169,13 @@ class ModulationTable:
     """One token's AdaLN outputs at every evaluation time of its solver, made ahead of the solver in chunks
     of at most TABLE_BYTES (one matrix product per chunk instead of three small ones per step)."""
 
-    def __init__(self, head: FlowHead, h: torch.Tensor, times: list[tuple[float, float]], guided: bool):
+    def __init__(self, head: FlowHead, h: torch.Tensor, times: list[tuple[float, float]], guided: bool,
+                 guidance: float | None = None):
         uniq = sorted(set(times))  # the solvers' times never decrease, so chunks are used in order
         self.index = {t: i for i, (t, _) in enumerate(uniq)}
         t, r = torch.tensor(uniq, dtype=torch.float32, device=h.device).unbind(-1)
-        self.head, self.t_emb, self.c_emb = head, head.time_features(t, r), head.cond_embed(h)  # [E, C], [R, C]
+        w = None if guidance is None else torch.full_like(t, guidance)  # a CFG scale as the head's input
+        self.head, self.t_emb, self.c_emb = head, head.time_features(t, r, w), head.cond_embed(h)  # [E, C], [R, C]
         self.rows = (2, len(h) // 2) if guided else (len(h),)  # guided: [h_cond; h_null] -> [2, B]
         self.chunk = max(1, TABLE_BYTES // (len(h) * head.scale_one.numel() * 4))
         self.start, self.block = 0, None
