@@ -151,6 +151,22 @@ def generate_all(model, labels: list[int], seed: int, options: dict,
     return torch.cat(out), (time.perf_counter() - t0) / max(len(labels), 1)
 
 
+def alternate(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of `repeats` runs of each arm under torch.no_grad, the arms taking turns (a, b, c, a, b, ...)
+    after one warm-up run each: on a shared, noisy machine a change of load hits every arm alike."""
+    runs = {name: [] for name in arms}
+    with torch.no_grad():
+        for fn in arms.values():
+            fn()
+        for r in range(repeats):
+            for name, fn in arms.items():
+                t0 = time.perf_counter()
+                fn()
+                runs[name].append(time.perf_counter() - t0)
+                print(f"run {r} {name}: {runs[name][-1]:.3f} s", flush=True)
+    return runs
+
+
 def score(images: torch.Tensor, labels: list[int], data: str, budget: Budget, device: str) -> dict:
     """Inception FID, class accuracy and classifier-feature FID (dFID) of `images` against the dataset."""
     from spheregen.eval.evaluate import evaluate

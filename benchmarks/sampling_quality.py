@@ -1,16 +1,25 @@
 """Images/s against quality of SphereAR's samplers (issue 20): the Euclidean (rectified-flow) head with Euler, Heun
-and Euler-Maruyama at 1-100 head steps, and the few-step MeanFlow head (models/meanflow_head.py) at 1, 2 and 4
-Euler steps (average velocities), plus its own 100-step Euler-Maruyama (instantaneous velocities).
+and Euler-Maruyama at 1-100 head steps; the few-step MeanFlow head (models/meanflow_head.py) trained from scratch
+at 1, 2 and 4 Euler steps (average velocities), plus its own 100-step Euler-Maruyama; and a MeanFlow head
+distilled from the trained Euclidean one with its transformer frozen (`spheregen train distill`, configs/distill/
+meanflow_tiny.toml) at 1, 2 and 4 Euler steps.
 
-Both AR models are trained at the same budget on the same spherical tokenizer's latents, in the folder the flow
+The two AR models are trained at the same budget on the same spherical tokenizer's latents, in the folder the flow
 ablation uses (benchmarks/ablate_flow.py: runs/ablate/flow_<data>-<budget>/), so its tokenizer, latents and
-Euclidean AR model are shared when they exist (and trained here when not). Every cell: `per_class` images per
+Euclidean AR model are shared when they exist (and trained here when not); the distilled head trains on top of the
+Euclidean one (its transformer and AR budget unchanged, only the head moves). Every cell: `per_class` images per
 class (image k from seed `seed + k`), CFG 2 with the constant schedule (the CFG of benchmarks/seed_spread.py),
 batch 100, decoding included; images/s (this process's threads), Inception FID, class accuracy, dFID. The
-verdict: the MeanFlow cells with <= 2 head evaluations per token against the Euclidean head's 100-step
+verdict: the few-step cells with <= 2 head evaluations per token against the Euclidean head's 100-step
 Euler-Maruyama cell (the authors' default sampler), within 2 sd of benchmarks/results/seed_spread_<data>_<budget>.json.
 
-    /tmp/cpurun python benchmarks/sampling_quality.py --data data/mnist28            # --budget cpu
+Speed is measured apart from the cells, side by side in one process (`--speed-threads`, medians of
+`--speed-repeats` alternating runs of one batch of all the cell's labels, decoding included): the authors'
+sampling loop (benchmarks/authors_sampler.py, Euler-Maruyama 100 steps) on the Euclidean model against
+spheregen's samplers on each model.
+
+    OMP_NUM_THREADS=1 python benchmarks/sampling_quality.py --data data/mnist28            # --budget cpu
+    python benchmarks/sampling_quality.py --data data/mnist28 --speed-threads 2            # cells cached: speed only
     python benchmarks/sampling_quality.py --markdown benchmarks/results/sampling_quality_mnist28_cpu.json
 """
 
@@ -18,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -27,7 +40,14 @@ from ablate_posterior import AR_CONFIG, tokenizer_config  # noqa: E402
 
 CFG = 2.0
 GRID = {"euclidean": [(s, n) for s in ("euler", "heun", "euler_maruyama") for n in (1, 2, 5, 25, 100)],
-        "meanflow": [("euler", 1), ("euler", 2), ("euler", 4), ("euler_maruyama", 100)]}
+        "meanflow": [("euler", 1), ("euler", 2), ("euler", 4), ("euler_maruyama", 100)],
+        "distilled": [("euler", 1), ("euler", 2), ("euler", 4)], "folded": [("euler", 1), ("euler", 2), ("euler", 4)]}
+FEW_STEP = ("meanflow", "distilled", "folded")  # heads whose cells with <= 2 evaluations face the quality bar
+# the distilled heads (spheregen/configs/distill/): CFG on the student's two rows, or folded into the student
+DISTILL_CONFIGS = {"distilled": "meanflow_tiny", "folded": "meanflow_folded_tiny"}
+# the side-by-side speed arms: name -> (head, sampler, steps); "authors" runs benchmarks/authors_sampler.py
+SPEED_ARMS = {"authors": ("euclidean", "euler_maruyama", 100), "spheregen": ("euclidean", "euler_maruyama", 100),
+              **{f"{h}_{n}": (h, "euler", n) for h in FEW_STEP for n in (1, 2)}}
 IMAGES = harness.ROOT / "docs" / "images"
 
 
@@ -37,7 +57,8 @@ def evaluations(sampler: str, steps: int) -> int:
 
 
 def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds) -> tuple[Path, dict]:
-    """The shared spherical tokenizer and latents, and one AR model per head (trained or reused)."""
+    """The shared spherical tokenizer and latents, one AR model per trained head (trained or reused), and the
+    head distilled from the Euclidean one."""
     from spheregen.cli.demo import run_spheregen, train_or_resume
 
     dev = ["--device", device]
@@ -50,8 +71,38 @@ def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds)
                       *dev)
     ars = {flow: train_or_resume("ar", AR_CONFIG, runs / f"ar-{flow}", "--data", data, "--latents", str(latents),
                                  "--set", f"model.flow={flow}", "--set", f"train.ckpt_every={budget.ar_steps}", *dev,
-                                 steps=budget.ar_steps) for flow in GRID}
+                                 steps=budget.ar_steps) for flow in ("euclidean", "meanflow")}
+    for name, config in DISTILL_CONFIGS.items():
+        ars[name] = train_or_resume("distill", config, runs / f"ar-{name}", "--teacher", str(ars["euclidean"]),
+                                    "--latents", str(latents), *dev)
     return tok, ars
+
+
+def side_by_side(models: dict, labels: list[int], repeats: int) -> dict:
+    """images/s of each SPEED_ARMS arm on one batch of `labels` (decoding included), the arms alternating in this
+    process; medians of `repeats` runs after one warm-up each, and the ratio to the authors' loop."""
+    from authors_sampler import authors_sample
+
+    lab, seeds = torch.tensor(labels), list(range(len(labels)))
+
+    def arm(name: str):
+        flow, sampler, steps = SPEED_ARMS[name]
+        model = models[flow]
+        if name == "authors":
+            return lambda: model._decoder.decode(authors_sample(model, lab, CFG, steps), project=True)
+        opts = {"cfg": CFG, "cfg_schedule": "constant", "sampler": sampler, "steps": steps}
+        return lambda: model.generate_images(lab, seeds, opts)
+
+    runs = harness.alternate({name: arm(name) for name in SPEED_ARMS}, repeats)
+    base = statistics.median(runs["authors"])
+    arms = {}
+    for name, r in runs.items():
+        head, sampler, steps = SPEED_ARMS[name]
+        med = statistics.median(r)
+        arms[name] = {"head": head, "sampler": sampler, "steps": steps, "median_s": med,
+                      "images_per_s": len(labels) / med, "vs_authors": base / med, "runs_s": [round(x, 4) for x in r]}
+    return {"threads": torch.get_num_threads(), "batch": len(labels), "repeats": repeats,
+            "hardware": harness.hardware(), "date": time.strftime("%Y-%m-%d %H:%M"), "arms": arms}
 
 
 def measure(args) -> Path:
@@ -79,30 +130,56 @@ def measure(args) -> Path:
                         "images_per_s": 1.0 / sec, **harness.score(images, labels, args.data, budget, args.device)}
 
             rows.append(cells.get(f"{sampler}_{steps}", cell))
+    speed = None
+    if args.speed_repeats:
+        torch.set_num_threads(args.speed_threads)
+        models = {flow: load_generator(str(ars[flow]), device=args.device) for flow in ars}
+        speed = harness.Cells(runs / "quality-speed", budget).get(
+            f"speed_threads{args.speed_threads}", lambda: side_by_side(models, labels, args.speed_repeats))
     spread_file = harness.RESULTS / f"seed_spread_{Path(args.data).name}_{args.budget}.json"
     spread = json.loads(spread_file.read_text())["spread"] if spread_file.is_file() else None
     return harness.write_json(out, harness.header(name, args.budget, budget, {
         "data": args.data, "num_classes": ds.num_classes, "cfg": CFG, "cfg_schedule": "constant", "batch_size": 100,
         "tokenizer": str(tok), "ar": {k: str(v) for k, v in ars.items()}, "ar_config": AR_CONFIG,
-        "seed_spread": spread, "seed_spread_file": str(spread_file), "rows": rows}))
+        "distill_configs": DISTILL_CONFIGS, "seed_spread": spread, "seed_spread_file": str(spread_file),
+        "rows": rows, "speed": speed}))
 
 
 # -- the results section ------------------------------------------------------------------------------------
 def verdicts(res: dict) -> list[dict]:
-    """Each MeanFlow cell with <= 2 evaluations against the Euclidean 100-step Euler-Maruyama cell: FID at most
-    2 sd worse, accuracy at most 2 sd lower (sd of the seed-spread file), and its images/s ratio."""
+    """Each few-step cell with <= 2 evaluations against the Euclidean 100-step Euler-Maruyama cell: FID at most
+    2 sd worse, accuracy at most 2 sd lower (sd of the seed-spread file); its images/s ratio to that cell, and
+    to the authors' loop side by side (`vs_authors`, None without a speed measurement)."""
     ref = next(r for r in res["rows"] if r["flow"] == "euclidean" and r["sampler"] == "euler_maruyama"
                and r["steps"] == 100)
     sd = res.get("seed_spread") or {}
+    speed = (res.get("speed") or {}).get("arms", {})
     out = []
     for r in res["rows"]:
-        if r["flow"] != "meanflow" or r["evals"] > 2:
+        if r["flow"] not in FEW_STEP or r["evals"] > 2:
             continue
         fid_ok = r["fid"] <= ref["fid"] + 2 * sd["fid"]["sd"] if "fid" in sd else None
         acc_ok = (r["acc"] >= ref["acc"] - 2 * sd["acc"]["sd"]) if "acc" in sd and r.get("acc") is not None else None
+        arm = speed.get(f"{r['flow']}_{r['steps']}") if r["sampler"] == "euler" else None
         out.append({"cell": r, "ref": ref, "fid_ok": fid_ok, "acc_ok": acc_ok,
-                    "speedup": r["images_per_s"] / ref["images_per_s"]})
+                    "speedup": r["images_per_s"] / ref["images_per_s"],
+                    "vs_authors": arm["vs_authors"] if arm else None})
     return out
+
+
+def speed_table(res: dict) -> list[str]:
+    """The side-by-side images/s table, or nothing when the run measured none."""
+    from results_page import f, table
+
+    speed = res.get("speed")
+    if not speed:
+        return []
+    rows = [[name, a["head"], a["sampler"], a["steps"], f(a["median_s"], ".3f"), f(a["images_per_s"], ".1f"),
+             f"{a['vs_authors']:.2f}x"] for name, a in speed["arms"].items()]
+    return [f"Side by side in one process ({speed['hardware']}, {speed['threads']} thread(s), {speed['date']}): one "
+            f"batch of {speed['batch']} images per run, decoding included, medians of {speed['repeats']} alternating "
+            "runs; `authors` is benchmarks/authors_sampler.py (Euler-Maruyama 100) on the Euclidean model.", "",
+            table(["arm", "head", "sampler", "head steps", "s / batch", "images/s", "vs authors"], rows), ""]
 
 
 def plot(res: dict, path: Path) -> Path:
@@ -136,15 +213,19 @@ def section(res: dict) -> list[str]:
                                        "images/s on 1 thread; "), "",
            table(["head", "sampler", "head steps", "evals / token", "images/s", "FID", "acc", "dFID"], rows), "",
            f"![images/s against quality, {data}](images/{img.name})", ""]
+    out += speed_table(res)
     sd = res.get("seed_spread") or {}
     for v in verdicts(res):
         c, ref = v["cell"], v["ref"]
         ok = "meets" if v["fid_ok"] and v["acc_ok"] else "does not meet"
-        out.append(f"- **MeanFlow, {c['evals']} evaluation(s) per token:** FID {c['fid']:.1f} vs {ref['fid']:.1f} "
+        fast = f"{v['vs_authors']:.1f}x the authors' loop side by side" if v["vs_authors"] else \
+            f"{v['speedup']:.1f}x the images/s of that cell"
+        name = {"distilled": "distilled MeanFlow (CFG on two rows)", "folded": "distilled MeanFlow (CFG folded in)",
+                "meanflow": "MeanFlow from scratch"}[c["flow"]]
+        out.append(f"- **{name}, {c['evals']} evaluation(s) per token:** FID {c['fid']:.1f} vs {ref['fid']:.1f} "
                    f"(100-step Euler-Maruyama, Euclidean head), accuracy {f(c.get('acc'), '.3f')} vs "
                    f"{f(ref.get('acc'), '.3f')}; 2 sd of seed noise: FID {2 * sd.get('fid', {}).get('sd', 0):.1f}, "
-                   f"accuracy {2 * sd.get('acc', {}).get('sd', 0):.3f} → **{ok}** the quality bar, at "
-                   f"{v['speedup']:.1f}x the images/s.")
+                   f"accuracy {2 * sd.get('acc', {}).get('sd', 0):.3f} → **{ok}** the quality bar, at {fast}.")
     return out + [""]
 
 
@@ -153,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/mnist28", help="dataset directory: MNIST-28 (data/mnist28) or emoji-32")
     p.add_argument("--markdown", nargs="+", metavar="JSON",
                    help="print the results section of these result files (and write their plots), run nothing")
+    p.add_argument("--speed-threads", type=int, default=torch.get_num_threads(),
+                   help="threads of the side-by-side speed measurement (default: this process's)")
+    p.add_argument("--speed-repeats", type=int, default=3, help="alternating timed runs per speed arm (0: none)")
     harness.add_common_args(p)
     args = p.parse_args(argv)
     if args.markdown:

@@ -6,9 +6,11 @@ Both sample the same random-weight model: dim 256, 4 layers (4 heads of 64), hea
 steps, B = 16, and decode with the same 75M S-VAE decoder (configs/tokenizer/paper_256.toml at 128 px). Runs
 alternate (authors, spheregen, authors, ...) after one warm-up each; the speed-up is the ratio of the medians.
 Extra arms (`--arms`) time spheregen's few-step settings in the same process (Euler with 1 and 2 steps on a
-MeanFlow head of the same size). Use 2 threads as the issue does:
+MeanFlow head of the same size, with CFG on two rows or folded into the head), and `products_only`, the
+100-step head's matrix products alone (a floor for any exact sampler at these FLOPs). Use 2 threads as the issue
+does:
 
-    /tmp/cpurun -2 python benchmarks/sampling_speed.py            # writes benchmarks/results/sampling_speed_cpu.json
+    python benchmarks/sampling_speed.py --arms products_only,meanflow_1,folded_1   # -> results/sampling_speed_cpu.json
 """
 
 from __future__ import annotations
@@ -27,17 +29,43 @@ from authors_sampler import authors_sample  # noqa: E402
 
 CONFIG = dict(token_dim=16, grid=(8, 8), radius=4.0, num_classes=1000, dim=256, n_layers=4, n_heads=4,
               n_cls_tokens=16, head_depth=3, head_width=256, head_adaln=1)
-FEW_STEP = {"meanflow_1": ("meanflow", "euler", 1), "meanflow_2": ("meanflow", "euler", 2)}
+# few-step arms: name -> (flow, sampler, steps, CFG folded into the head: no null rows)
+FEW_STEP = {"meanflow_1": ("meanflow", "euler", 1, False), "meanflow_2": ("meanflow", "euler", 2, False),
+            "folded_1": ("meanflow", "euler", 1, True), "folded_2": ("meanflow", "euler", 2, True)}
+EXTRA_ARMS = (*FEW_STEP, "products_only")
 
 
-def build(flow: str = "euclidean"):
+def products_only(model, batch: int, steps: int):
+    """fn() -> tokens: only the matrix products of spheregen's 100-step head at every token (one AdaLN table
+    product for all solver times, then per Euler-Maruyama step the ResBlocks' SwiGLU products on the 2B rows),
+    nothing else. Their time at this size bounds any exact sampler that does these FLOPs (the tokens are zeros:
+    the decode still runs)."""
+    import torch.nn.functional as F
+
+    head, rows, T = model.head, 2 * batch, model.seq_len
+    x, g = torch.randn(rows, head.width), torch.randn(rows, head.blocks[0].mlp.w2.in_features)
+    table_in = torch.randn((steps + 1) * rows, head.width)
+    w_mod = torch.cat([a.weight for a in [*head.adaln, head.final_adaln]])
+
+    def fn():
+        for _ in range(T):
+            F.linear(table_in, w_mod)
+            for _ in range(steps + 1):
+                for blk in head.blocks:
+                    blk.mlp.w13(x)
+                    blk.mlp.w2(g)
+        return torch.zeros(batch, T, model.config.token_dim)
+    return fn
+
+
+def build(flow: str = "euclidean", head_guidance: bool = False):
     """The benchmark's AR model (random weights, the head's zero-init layers randomised too) and decoder."""
     from spheregen.config import from_dict, installed_file, load_toml
     from spheregen.models.ar import ARConfig, SphereAR
     from spheregen.models.tokenizer import Tokenizer, TokenizerConfig
 
     torch.manual_seed(0)
-    model = SphereAR(ARConfig(**CONFIG, flow=flow)).eval()
+    model = SphereAR(ARConfig(**CONFIG, flow=flow, head_guidance=head_guidance)).eval()
     for p in model.head.parameters():
         torch.nn.init.normal_(p, std=0.02)
     tok = load_toml(installed_file("spheregen", "configs", "tokenizer", "paper_256.toml"))["model"]
@@ -85,8 +113,12 @@ def measure(args) -> Path:
     arms = {"authors": arm(model, "euler_maruyama", steps, authors=True),
             "spheregen": arm(model, "euler_maruyama", steps)}
     for name in [a for a in args.arms.split(",") if a]:
-        flow, sampler, n = FEW_STEP[name]
-        arms[name] = arm(build(flow)[0], sampler, n)
+        if name == "products_only":
+            arms[name] = lambda warm=False, floor=products_only(model, B, steps): (
+                floor() if not warm else torch.zeros(B, 1, 1), decode)
+            continue
+        flow, sampler, n, folded = FEW_STEP[name]
+        arms[name] = arm(build(flow, folded)[0], sampler, n)
     with torch.no_grad():
         for fn in arms.values():
             fn(warm=True)
@@ -126,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each arm (at least 3)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--arms", default="", help=f"extra spheregen arms: comma list of {', '.join(FEW_STEP)}")
+    p.add_argument("--arms", default="", help=f"extra arms: comma list of {', '.join(EXTRA_ARMS)} (products_only: "
+                                              "the 100-step head's matrix products alone, a floor)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="the networks' autocast in both loops (the authors sample under bf16 autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile both loops' networks (spheregen: the head)")
