@@ -185,3 +185,34 @@ def test_distill_config_checks_its_fields():
     with pytest.raises(UserError):
         SphereAR(ARConfig(token_dim=4, grid=(2, 2), radius=2.0, num_classes=3, dim=32, n_layers=1, n_heads=2,
                           n_cls_tokens=2, head_depth=2, head_width=16, head_adaln=1, head_guidance=True))
+
+
+@pytest.mark.parametrize("guidance", ["combined", "folded"])
+def test_grid_target_reads_every_few_step_interval_off_one_teacher_trajectory(guidance):
+    """K = 2 Euler steps of the teacher from x0, grid steps (1, 2): the pairs (0, 1), (0, 1/2), (1/2, 1) with
+    average velocities from the trajectory and (0, 0), (1/2, 1/2) with the teacher's velocity there."""
+    teacher, student = _pair(4, target="grid", teacher_steps=2, grid_steps=(1, 2), guidance=guidance,
+                             weight_power=0.0)
+    distiller = student.head.distiller
+    x0, h, hn = torch.randn(3, 4), torch.randn(3, 32), torch.randn(3, 32)
+    folded = guidance == "folded"
+    torch.manual_seed(7)
+    w = 1 + 3.0 * torch.rand(3) if folded else None
+    with torch.no_grad():
+        def vel(x, t):
+            t = torch.full((3,), t)
+            vc = teacher.head(x, t, h)
+            return vc if w is None else teacher.head(x, t, hn) + w[:, None] * (vc - teacher.head(x, t, hn))
+        v0 = vel(x0, 0.0)
+        x1 = x0 + v0 / 2
+        v1 = vel(x1, 0.5)
+        x2 = x1 + v1 / 2
+        rows = [(x0, 0.0, 1.0, x2 - x0), (x0, 0.0, 0.5, v0), (x1, 0.5, 1.0, v1), (x0, 0.0, 0.0, v0), (x1, 0.5, 0.5, v1)]
+        ww = None if w is None else w
+        want = torch.stack([(student.head(x, torch.full((3,), a), h, r=torch.full((3,), b), w=ww) - tgt).pow(2).sum(-1)
+                            for x, a, b, tgt in rows]).mean()
+        torch.manual_seed(7)
+        got = distiller.grid_loss(h, hn if folded else None, x0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError):
+        DistillConfig(target="grid", teacher_steps=6, grid_steps=(1, 4))
