@@ -147,3 +147,54 @@ def test_quality_verdict_compares_few_step_cells_with_the_100_step_default(tmp_p
     text = "\n".join(sampling_quality.section(res))
     assert "**meets**" in text and "**does not meet**" in text
     assert (tmp_path / "sampling_quality_mnist28_cpu.png").is_file()
+
+
+def test_packed_fp32_products_equal_nn_linear_bitwise():
+    """fp32: the packed (contiguous W^T) product is the same MKL computation as nn.Linear, to the bit."""
+    from spheregen.models.head_engine import PackedLinear
+
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(40, 72)
+    x = torch.randn(12, 40)
+    assert torch.equal(PackedLinear(layer, torch.float32, 12)(x), layer(x))
+
+
+@pytest.mark.parametrize("scale", [None, 4.0])
+def test_packed_bf16_trunk_follows_the_autocast_module_path(scale):
+    """bf16 (the authors' sampling precision): prepacked oneDNN products (or bf16 addmm where oneDNN is missing)
+    stay within bf16 rounding of the module path under autocast, for widths large enough to use them."""
+    from spheregen.models.head_engine import PackedTrunk
+
+    torch.manual_seed(2)
+    head = build_head("euclidean", 16, 64, 64, 2, 1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.1)
+    h, x = torch.randn(8, 64), torch.randn(4 if scale else 8, 16)
+    table = flow_head.ModulationTable(head, h, head.eval_times("euler", 3), guided=scale is not None)
+    mods = table.at(0.0)
+    ref = guided_velocity(head, h, scale)(x, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_ref = guided_velocity(head, h, scale)(x, 0.0)
+    packed = PackedTrunk(head, torch.bfloat16, len(h))(x, mods, scale)
+    assert packed.dtype == torch.float32
+    err, amp_err = (packed - ref).abs().max(), (amp_ref - ref).abs().max()
+    assert err < 3 * amp_err + 1e-3, (err, amp_err)  # no worse than the authors' autocast, in scale
+    assert err > 0  # bf16 products really ran
+
+
+def test_packed_weights_follow_in_place_updates_and_step_aside_when_compiled(monkeypatch):
+    from spheregen.models.head_engine import packed_trunk
+
+    head = random_head()
+    first = packed_trunk(head, torch.float32, 8)
+    assert packed_trunk(head, torch.float32, 8) is first  # cached while the weights are unchanged
+    h, x = torch.randn(8, 8), torch.randn(8, 3)
+    with torch.no_grad():
+        head.blocks[0].mlp.w13.weight.mul_(1.5)  # an optimizer or EMA step updates in place
+    assert packed_trunk(head, torch.float32, 8) is not first
+    table = flow_head.ModulationTable(head, h, head.eval_times("euler", 2), guided=False)
+    torch.testing.assert_close(table.velocity(None)(x, 0.0), guided_velocity(head, h)(x, 0.0), atol=1e-5, rtol=1e-5)
+    assert packed_trunk(head, torch.float16, 8) is None
+    monkeypatch.setattr(head, "_compiled_call_impl", lambda *a: None, raising=False)
+    assert packed_trunk(head, torch.float32, 8) is None  # `--compile`: the compiled module path runs

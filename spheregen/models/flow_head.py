@@ -14,7 +14,8 @@ Sampling engine (`sample`, App. G names the head the inference bottleneck): y, h
 depends on (t, h) only, never on the state x. So per token the head embeds h once, embeds every solver time
 once, and computes the AdaLN outputs of all solver steps in one large matrix product (`ModulationTable`); a
 solver step then runs the state path alone (input projection, ResBlocks, final layer), the CFG rows share the
-state by broadcasting, guidance is one lerp, and the solver updates the state in place.
+state by broadcasting, guidance is one lerp, and the solver updates the state in place. On CPU the state path
+runs on packed weights (models/head_engine.py: contiguous W^T in fp32, prepacked oneDNN products in bf16).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spheregen.layers import SwiGLU
+from spheregen.models.head_engine import packed_trunk
 
 SAMPLERS = ("euler", "euler_maruyama", "heun")
 EM_LAST_STEP = 0.04  # the Euler-Maruyama sampler ends with one deterministic Euler step of this size
@@ -178,7 +180,7 @@ class ModulationTable:
         self.head, self.t_emb, self.c_emb = head, head.time_features(t, r, w), head.cond_embed(h)  # [E, C], [R, C]
         self.rows = (2, len(h) // 2) if guided else (len(h),)  # guided: [h_cond; h_null] -> [2, B]
         self.chunk = max(1, TABLE_BYTES // (len(h) * head.scale_one.numel() * 4))
-        self.start, self.block = 0, None
+        self.start, self.block, self.dtype = 0, None, None  # dtype: the blocks' (None: the product's)
 
     def at(self, t: float) -> tuple[torch.Tensor, ...]:
         """The K modulations [*rows, C] of the evaluation at time t (contiguous)."""
@@ -188,11 +190,26 @@ class ModulationTable:
             c = self.c_emb.view(*self.rows, -1)
             t_emb = self.t_emb[i:i + self.chunk].view(-1, *[1] * len(self.rows), self.t_emb.shape[-1])
             # [e, *rows, K, C] -> [e, K, *rows, C]: each step's K slices contiguous
-            self.block = self.head.modulations(t_emb, c).movedim(-2, 1).contiguous()
+            block = self.head.modulations(t_emb, c).movedim(-2, 1)
+            self.block = block.to(self.dtype, memory_format=torch.contiguous_format)
         return self.block[i - self.start].unbind(0)
 
     def velocity(self, scale: float | None) -> VelocityFn:
-        """The token's velocity field for `solve`; guided: v = v_null + scale (v_cond - v_null) (fp32)."""
+        """The token's velocity field for `solve`; guided: v = v_null + scale (v_cond - v_null) (fp32). On CPU
+        the state path runs on packed weights (models/head_engine.py), in the autocast dtype when one is on."""
+        device = self.c_emb.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        engine = packed_trunk(self.head, amp or self.head.input_proj.weight.dtype, math.prod(self.rows))
+        if engine is not None:
+            self.dtype = torch.float32  # the engine's elementwise work is fp32: cast once per chunk, not per step
+            manual = torch.autocast(device, enabled=False)  # the engine casts for itself
+
+            def packed_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+                mods = self.at(t)  # under the caller's autocast: the big table product may run in bf16
+                with manual:
+                    return engine(x, mods, scale)
+
+            return packed_velocity
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             v = self.head(x, None, None, mods=self.at(t))
