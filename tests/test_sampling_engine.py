@@ -151,12 +151,12 @@ def test_quality_verdict_compares_few_step_cells_with_the_100_step_default(tmp_p
 
 def test_packed_fp32_products_equal_nn_linear_bitwise():
     """fp32: the packed (contiguous W^T) product is the same MKL computation as nn.Linear, to the bit."""
-    from spheregen.models.head_engine import PackedLinear
+    from spheregen.models.head_engine import _linear
 
     torch.manual_seed(1)
     layer = torch.nn.Linear(40, 72)
     x = torch.randn(12, 40)
-    assert torch.equal(PackedLinear(layer, torch.float32, 12)(x), layer(x))
+    assert torch.equal(_linear(x, layer.weight.t().contiguous(), layer.bias, False), layer(x))
 
 
 @pytest.mark.parametrize("scale", [None, 4.0])
@@ -172,7 +172,8 @@ def test_packed_bf16_trunk_follows_the_autocast_module_path(scale):
             p.normal_(0, 0.1)
     h, x = torch.randn(8, 64), torch.randn(4 if scale else 8, 16)
     table = flow_head.ModulationTable(head, h, head.eval_times("euler", 3), guided=scale is not None)
-    mods = table.at(0.0)
+    table.engine()  # fp32 modulation blocks, as the engine takes them
+    mods = table.from_step(0)[0]
     ref = guided_velocity(head, h, scale)(x, 0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         amp_ref = guided_velocity(head, h, scale)(x, 0.0)
@@ -198,3 +199,21 @@ def test_packed_weights_follow_in_place_updates_and_step_aside_when_compiled(mon
     assert packed_trunk(head, torch.float16, 8) is None
     monkeypatch.setattr(head, "_compiled_call_impl", lambda *a: None, raising=False)
     assert packed_trunk(head, torch.float32, 8) is None  # `--compile`: the compiled module path runs
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_maruyama"])
+@pytest.mark.parametrize("scale", [None, 2.5])
+def test_scripted_chunks_of_steps_equal_the_python_solver_on_the_engine(sampler, scale, monkeypatch):
+    """The one-evaluation-per-step solvers run whole chunks of steps in one scripted loop; the same ops as
+    `solve` calling the engine's velocity step by step (bitwise), also across several table chunks."""
+    head = random_head(seed=3)
+    h = torch.randn(8, 8)
+    noise = torch.randn(4 if scale else 8, noise_draws(sampler, 7), 3)
+    monkeypatch.setattr(flow_head, "TABLE_BYTES", 8 * 32 * 11 * 4 * 3)  # three evaluations per chunk
+    table = flow_head.ModulationTable(head, h, head.eval_times(sampler, 7), guided=scale is not None)
+    fast = table.solve(scale, noise, sampler, 7, temperature=0.9)
+    table = flow_head.ModulationTable(head, h, head.eval_times(sampler, 7), guided=scale is not None)
+    stepwise = solve(table.velocity(scale), noise, sampler, 7, temperature=0.9)
+    assert torch.equal(fast, stepwise)
+    ref = solve(guided_velocity(head, h, scale), noise, sampler, 7, temperature=0.9)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)

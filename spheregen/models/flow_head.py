@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spheregen.layers import SwiGLU
-from spheregen.models.head_engine import packed_trunk
+from spheregen.models.head_engine import PackedTrunk, packed_trunk
 
 SAMPLERS = ("euler", "euler_maruyama", "heun")
 EM_LAST_STEP = 0.04  # the Euler-Maruyama sampler ends with one deterministic Euler step of this size
@@ -164,7 +164,7 @@ class FlowHead(nn.Module):
         Projection onto the sphere is the caller's (SphereAR.solve_token), after the solve and after CFG.
         """
         table = ModulationTable(self, h, self.eval_times(sampler, steps), guided=scale is not None)
-        return solve(table.velocity(scale), noise, sampler, steps, temperature)
+        return table.solve(scale, noise, sampler, steps, temperature)
 
 
 class ModulationTable:
@@ -180,42 +180,61 @@ class ModulationTable:
         self.head, self.t_emb, self.c_emb = head, head.time_features(t, r, w), head.cond_embed(h)  # [E, C], [R, C]
         self.rows = (2, len(h) // 2) if guided else (len(h),)  # guided: [h_cond; h_null] -> [2, B]
         self.chunk = max(1, TABLE_BYTES // (len(h) * head.scale_one.numel() * 4))
-        self.start, self.block, self.dtype = 0, None, None  # dtype: the blocks' (None: the product's)
+        self.start, self.block, self.packed = 0, None, None  # packed: the engine, once `engine` found one
 
     def at(self, t: float) -> tuple[torch.Tensor, ...]:
         """The K modulations [*rows, C] of the evaluation at time t (contiguous)."""
-        i = self.index[t]
+        return self.from_step(self.index[t])[0].unbind(0)
+
+    def from_step(self, i: int) -> torch.Tensor:
+        """The modulations [e, K, *rows, C] of evaluation i (in time order) and those after it in its chunk."""
         if self.block is None or not self.start <= i < self.start + len(self.block):
             self.start = i
             c = self.c_emb.view(*self.rows, -1)
             t_emb = self.t_emb[i:i + self.chunk].view(-1, *[1] * len(self.rows), self.t_emb.shape[-1])
-            # [e, *rows, K, C] -> [e, K, *rows, C]: each step's K slices contiguous
-            block = self.head.modulations(t_emb, c).movedim(-2, 1)
-            self.block = block.to(self.dtype, memory_format=torch.contiguous_format)
-        return self.block[i - self.start].unbind(0)
+            if self.packed is not None:
+                self.block = self.packed.modulations(F.silu(t_emb + c))
+            else:  # [e, *rows, K, C] -> [e, K, *rows, C]: each step's K slices contiguous
+                self.block = self.head.modulations(t_emb, c).movedim(-2, 1).contiguous()
+        return self.block[i - self.start:]
+
+    def engine(self) -> PackedTrunk | None:
+        """The head's packed state path for this device and autocast dtype (None: use the module); with one,
+        the engine also makes the modulation blocks (fp32, its elementwise dtype)."""
+        device = self.c_emb.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        self.packed = packed_trunk(self.head, amp or self.head.input_proj.weight.dtype, math.prod(self.rows))
+        return self.packed
 
     def velocity(self, scale: float | None) -> VelocityFn:
         """The token's velocity field for `solve`; guided: v = v_null + scale (v_cond - v_null) (fp32). On CPU
         the state path runs on packed weights (models/head_engine.py), in the autocast dtype when one is on."""
-        device = self.c_emb.device.type
-        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        engine = packed_trunk(self.head, amp or self.head.input_proj.weight.dtype, math.prod(self.rows))
+        engine = self.engine()
         if engine is not None:
-            self.dtype = torch.float32  # the engine's elementwise work is fp32: cast once per chunk, not per step
-            manual = torch.autocast(device, enabled=False)  # the engine casts for itself
-
-            def packed_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-                mods = self.at(t)  # under the caller's autocast: the big table product may run in bf16
-                with manual:
-                    return engine(x, mods, scale)
-
-            return packed_velocity
+            return lambda x, t: engine(x, self.from_step(self.index[t])[0], scale)
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             v = self.head(x, None, None, mods=self.at(t))
             return v.float() if scale is None else torch.lerp(v[1].float(), v[0].float(), scale)
 
         return velocity
+
+    def solve(self, scale: float | None, noise: torch.Tensor, sampler: str, steps: int,
+              temperature: float = 1.0) -> torch.Tensor:
+        """`solve` on this token's velocity field. With a packed engine and a one-evaluation-per-step solver
+        (Euler, Euler-Maruyama) each chunk of steps runs as one scripted loop: the same ops, no Python between."""
+        check_solver(sampler, steps)
+        coefs, engine = step_coefficients(sampler, steps, temperature), self.engine()
+        if engine is None or coefs is None or len(self.index) != len(coefs):
+            return solve(self.velocity(scale), noise, sampler, steps, temperature)
+        x, i = temperature * noise[:, 0].float(), 0
+        while i < len(coefs):
+            block = self.from_step(i)
+            n = len(block)
+            x = engine.steps(x, block, coefs[i:i + n], noise[:, 1 + i:1 + i + n] if noise.shape[1] > 1 else None,
+                             scale)
+            i += n
+        return x
 
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -270,27 +289,44 @@ def solve(velocity: VelocityFn, noise: torch.Tensor, sampler: str = "euler", ste
       gives E[eps | x] = x - t v), x += (v + (1 - t) score) dt + temperature * sqrt(2 (1 - t) dt) xi, then
       one deterministic Euler step of 0.04 with v at t = 0.96; N + 1 evaluations.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise ValueError(f"the flow solver needs at least 1 step, got {steps}")
+    check_solver(sampler, steps)
     x = temperature * noise[:, 0].float()
-    if sampler == "euler_maruyama":
-        dt = (1.0 - EM_LAST_STEP) / steps
-        for i in range(steps):
-            t = i * dt
-            # drift v + (1 - t) score = (1 + t) v - x, so x <- (1 - dt) x + (1 + t) dt v + sigma xi
+    coefs = step_coefficients(sampler, steps, temperature)
+    if coefs is not None:  # euler, euler_maruyama: one velocity per step
+        for i, (t, (a, b, c)) in enumerate(zip(solver_times(sampler, steps), coefs)):
             v = velocity(x, t)
-            x.mul_(1.0 - dt).add_(v, alpha=(1.0 + t) * dt)
-            x.add_(noise[:, 1 + i], alpha=temperature * math.sqrt(2 * (1 - t) * dt))
-        return x.add_(velocity(x, 1.0 - EM_LAST_STEP), alpha=EM_LAST_STEP)
+            if a != 1.0:
+                x.mul_(a)
+            x.add_(v, alpha=b)
+            if c != 0.0:
+                x.add_(noise[:, 1 + i], alpha=c)
+        return x
     dt = 1.0 / steps
-    for i in range(steps):
+    for i in range(steps):  # heun
         v = velocity(x, i * dt)
-        if sampler == "heun" and i + 1 < steps:
+        if i + 1 < steps:
             y = torch.add(x, v, alpha=dt)
             x.add_(v, alpha=0.5 * dt)  # v is used up before the next call (a CUDA graph may reuse its memory)
             x.add_(velocity(y, (i + 1) * dt), alpha=0.5 * dt)
         else:
             x.add_(v, alpha=dt)
     return x
+
+
+def check_solver(sampler: str, steps: int) -> None:
+    """ValueError for an unknown sampler or fewer than one step."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"the flow solver needs at least 1 step, got {steps}")
+
+
+def step_coefficients(sampler: str, steps: int, temperature: float = 1.0) -> list[tuple[float, float, float]] | None:
+    """(a, b, c) of each step x <- a x + b v(x, t_i) + c xi_i of the one-evaluation-per-step solvers (None: heun).
+    euler: (1, 1/N, 0). euler_maruyama: drift v + (1 - t) score = (1 + t) v - x with score = (t v - x) / (1 - t),
+    so (1 - dt, (1 + t) dt, temperature sqrt(2 (1 - t) dt)) with dt = 0.96/N, then (1, 0.04, 0)."""
+    if sampler == "euler_maruyama":
+        dt = (1.0 - EM_LAST_STEP) / steps
+        return [(1.0 - dt, (1.0 + i * dt) * dt, temperature * math.sqrt(2 * (1 - i * dt) * dt))
+                for i in range(steps)] + [(1.0, EM_LAST_STEP, 0.0)]
+    return [(1.0, 1.0 / steps, 0.0)] * steps if sampler == "euler" else None

@@ -1,22 +1,29 @@
 """The flow head's state path for the CPU sampler (issue 20; paper App. G: the head is the bottleneck).
 
-A solver step of `FlowHead.trunk` runs ~10 small matrix products on 2B rows. On a CPU two things dominate:
-the products themselves, and torch's per-call overhead around them (`nn.Linear` hands MKL a transposed weight
-view, which is ~25% slower at these sizes than a contiguous [in, out] copy). `PackedTrunk` lays the weights out
-once per set of weights and runs the same math with fewer, faster calls:
+A solver step of `FlowHead.trunk` runs ~10 small matrix products and ~25 small elementwise ops on 2B rows.
+On a CPU three costs dominate: the products, the per-op overhead of calling them from Python, and the
+transposed weight views `nn.Linear` hands to MKL (~25% slower at these sizes than a contiguous [in, out]
+copy). `PackedTrunk` lays the weights out once per set of weights and runs the same math leaner:
 
 - fp32: every product is `addmm(bias, x, W^T)` on a contiguous W^T, bitwise equal to `F.linear(x, W, bias)`;
-- bf16 (the authors' sampling precision, their networks run under bf16 autocast): the weights are prepacked
-  for oneDNN once, so each product is one oneDNN call in bf16 (AMX / AVX512-BF16 where the CPU has them);
-  the residual stream, LayerNorms, modulations, guidance and solver stay in fp32;
+- bf16 (the authors' sampling precision: their networks run under bf16 autocast): the ResBlocks' products
+  are prepacked for oneDNN once, one oneDNN call each (AMX / AVX512-BF16 where the CPU has them); the tiny
+  input and output products, the residual stream, LayerNorms, modulations, guidance and solver stay fp32;
 - guidance on the last hidden state: the output layer is affine, so
-  W (h_null + s (h_cond - h_null)) + b = v_null + s (v_cond - v_null), and the output product runs on B rows.
+  W (h_null + s (h_cond - h_null)) + b = v_null + s (v_cond - v_null), and the output product runs on B rows;
+- `steps` runs whole chunks of solver steps x <- a x + b v(x) + c xi (Euler, Euler-Maruyama) as one
+  TorchScript loop, so no Python runs between the ops of a token's solve (plain Python where TorchScript is
+  missing: the same functions, eager).
 
-`packed_trunk(head, dtype)` returns the cached packing, rebuilt when any weight changes (in-place updates bump
-a tensor's version), or None where the module path is the better one (CUDA, a compiled head, fp16).
+`packed_trunk(head, dtype, rows)` returns the cached packing, rebuilt when any weight changes (in-place
+updates bump a tensor's version), or None where the module path is the better one (CUDA, a compiled head,
+fp16).
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,54 +38,111 @@ def _mkldnn_bf16() -> bool:
         return False
 
 
-class PackedLinear:
-    """y = x W^T + b for one nn.Linear, laid out for repeated small-batch calls (see the module docstring)."""
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """x [M, in] -> x W^T + b [M, out] in b's dtype; w is W^T [in, out], or oneDNN's packing of W."""
+    x = x.to(b.dtype)
+    if onednn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", torch.jit.annotate(
+            List[Optional[Union[int, float, complex]]], []), "")
+    return torch.addmm(b, x, w)
 
-    def __init__(self, layer: nn.Linear, dtype: torch.dtype, rows: int):
-        w, b = layer.weight.detach(), layer.bias.detach()
-        if dtype == torch.bfloat16 and min(w.shape) < 64:
-            dtype = torch.float32  # a oneDNN call costs ~20 us whatever its size: tiny products stay fp32
-        self.onednn = dtype == torch.bfloat16 and _mkldnn_bf16()
-        if self.onednn:  # oneDNN's blocked layout, chosen for `rows`-row inputs (any row count works)
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous(), rows)
-            self.bias = b.to(dtype).contiguous()
-        else:
-            self.weight, self.bias = w.to(dtype).t().contiguous(), b.to(dtype)  # W^T [in, out]
-        self.dtype = dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, in] -> [M, out] in self.dtype."""
-        x = x.to(self.dtype)
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.addmm(self.bias, x, self.weight)
+def _trunk(x: torch.Tensor, m: torch.Tensor, weights: List[torch.Tensor], onednn: bool, per: int, hidden: int,
+           eps: float, scale: Optional[float]) -> torch.Tensor:
+    """FlowHead.trunk + guidance: state x [N, d], modulations m [K, *rows, N, C] (fp32) -> velocity [N, d] fp32.
+    weights: [W_in^T, b_in, W_out^T, b_out] then per ResBlock [ln_w, ln_b, W13, b13, W2, b2]."""
+    C = weights[0].shape[1]
+    z = torch.addmm(weights[1], x, weights[0])  # [N, C], shared by the CFG rows
+    for k in range((len(weights) - 4) // 6):
+        ln_w, ln_b, w13, b13, w2, b2 = weights[4 + 6 * k:10 + 6 * k]
+        j = 3 * (k // per)
+        h = torch.addcmul(m[j + 1], F.layer_norm(z, [C], ln_w, ln_b, eps), m[j])  # [*rows, N, C]
+        u = _linear(h.reshape(-1, C), w13, b13, onednn)  # [rows * N, 2 H]: SwiGLU's two inputs side by side
+        g = F.silu(u[:, :hidden]).mul_(u[:, hidden:])
+        z = torch.addcmul(z, m[j + 2], _linear(g, w2, b2, onednn).view(h.shape))
+    h = torch.addcmul(m[-1], F.layer_norm(z, [C], None, None, eps), m[-2])
+    if scale is not None:  # guidance before the affine output layer: equal to guiding the velocities
+        h = torch.lerp(h[1], h[0], scale)  # [2, N, C] -> [N, C]
+    return torch.addmm(weights[3], h, weights[2])
+
+
+def _steps(x: torch.Tensor, mods: torch.Tensor, coefs: List[List[float]], noise: Optional[torch.Tensor],
+           weights: List[torch.Tensor], onednn: bool, per: int, hidden: int, eps: float,
+           scale: Optional[float]) -> torch.Tensor:
+    """Solver steps x <- a x + b v(x) + c xi_i in place; mods [n, K, ...], coefs n x [a, b, c], noise [N, n, d]."""
+    for i in range(len(coefs)):
+        a, b, c = coefs[i][0], coefs[i][1], coefs[i][2]
+        v = _trunk(x, mods[i], weights, onednn, per, hidden, eps, scale)
+        if a != 1.0:
+            x.mul_(a)
+        x.add_(v, alpha=b)
+        if c != 0.0 and noise is not None:
+            x.add_(noise[:, i], alpha=c)
+    return x
+
+
+_COMPILED: dict = {}
+
+
+def _scripted() -> tuple:
+    """(trunk, steps): TorchScript'ed once per process, or the eager functions where scripting fails."""
+    if not _COMPILED:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.script is deprecated, still the leanest CPU loop here
+                _COMPILED["fns"] = (torch.jit.script(_trunk), torch.jit.script(_steps))
+        except Exception:  # noqa: BLE001 - any scripting failure: run the same math eagerly
+            _COMPILED["fns"] = (_trunk, _steps)
+    return _COMPILED["fns"]
 
 
 class PackedTrunk:
-    """`FlowHead.trunk` followed by classifier-free guidance, on packed weights."""
+    """`FlowHead.trunk` followed by classifier-free guidance, on packed weights (see the module docstring)."""
 
     def __init__(self, head: nn.Module, dtype: torch.dtype, rows: int):
-        self.width, self.eps, self.per = head.width, head.final_norm.eps, head.depth // head.n_adaln
+        self.per, self.eps = head.depth // head.n_adaln, head.final_norm.eps
         self.hidden = head.blocks[0].mlp.w2.in_features
-        self.input_proj = PackedLinear(head.input_proj, dtype, rows)
-        self.blocks = [(blk.norm.weight.detach(), blk.norm.bias.detach(), PackedLinear(blk.mlp.w13, dtype, rows),
-                        PackedLinear(blk.mlp.w2, dtype, rows)) for blk in head.blocks]
-        self.final_proj = PackedLinear(head.final_proj, dtype, rows)
+        self.onednn = dtype == torch.bfloat16 and _mkldnn_bf16()
+        block_dtype = dtype if dtype == torch.bfloat16 else torch.float32
 
-    def __call__(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...], scale: float | None) -> torch.Tensor:
-        """Velocity [N, d] (fp32) of state x [N, d] under the K modulations [*rows, N, C] (rows = (2,) for the
-        cond and null rows of CFG, sharing x, combined with guidance `scale`; () without guidance)."""
-        C, H = self.width, self.hidden
-        z = self.input_proj(x).float()  # [N, C], shared by the CFG rows
-        for i, (ln_w, ln_b, w13, w2) in enumerate(self.blocks):
-            j = 3 * (i // self.per)
-            h = torch.addcmul(mods[j + 1], F.layer_norm(z, (C,), ln_w, ln_b, self.eps), mods[j])  # [*rows, N, C]
-            u = w13(h.reshape(-1, C))  # [rows * N, 2 H]: SwiGLU's two inputs side by side
-            z = torch.addcmul(z, mods[j + 2], w2(F.silu(u[:, :H]).mul_(u[:, H:])).view(h.shape))
-        h = torch.addcmul(mods[-1], F.layer_norm(z, (C,), eps=self.eps), mods[-2]).float()
-        if scale is not None:  # guidance before the affine output layer: equal to guiding the velocities
-            h = torch.lerp(h[1], h[0], scale)  # [2, N, C] -> [N, C]
-        return self.final_proj(h).float()
+        def pack(layer: nn.Linear, onednn: bool, dt: torch.dtype) -> list[torch.Tensor]:
+            w, b = layer.weight.detach().to(dt), layer.bias.detach().to(dt)
+            if onednn:  # oneDNN's blocked layout, chosen for `rows`-row inputs (any row count works)
+                return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows), b.contiguous()]
+            return [w.t().contiguous(), b]  # W^T [in, out]
+
+        self.weights = pack(head.input_proj, False, torch.float32) + pack(head.final_proj, False, torch.float32)
+        # the AdaLN linears stacked, the 1s of (1 + scale) in the bias: the table product (FlowHead.modulations)
+        self.mod_shape = tuple(head.scale_one.shape)  # (K, C)
+        mod = nn.Linear(head.width, head.scale_one.numel())
+        with torch.no_grad():
+            layers = [*head.adaln, head.final_adaln]
+            mod.weight.copy_(torch.cat([a.weight for a in layers]))
+            mod.bias.copy_(torch.cat([a.bias for a in layers]) + head.scale_one.flatten())
+        self.mod_weights = pack(mod, self.onednn, block_dtype)
+        for blk in head.blocks:
+            self.weights += [blk.norm.weight.detach(), blk.norm.bias.detach(),
+                             *pack(blk.mlp.w13, self.onednn, block_dtype), *pack(blk.mlp.w2, self.onednn, block_dtype)]
+
+    def modulations(self, y: torch.Tensor) -> torch.Tensor:
+        """The AdaLN outputs of y = SiLU(t_emb + c_emb) [e, *rows, C] as fp32 [e, K, *rows, C], each step's K
+        slices contiguous (FlowHead.modulations' numbers, laid out for the solver)."""
+        with torch.autocast(y.device.type, enabled=False):
+            out = _linear(y.reshape(-1, y.shape[-1]), *self.mod_weights, self.onednn).float()  # [e * rows, K * C]
+        return out.view(*y.shape[:-1], *self.mod_shape).movedim(-2, 1).contiguous()  # -> [e, K, *rows, C]
+
+    def __call__(self, x: torch.Tensor, mods: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Velocity [N, d] (fp32) of state x [N, d] under the modulations [K, *rows, N, C] (rows = (2,): the
+        cond and null rows of CFG, sharing x, combined with guidance `scale`; (): no guidance)."""
+        with torch.autocast(x.device.type, enabled=False):  # the engine casts for itself
+            return _scripted()[0](x, mods, self.weights, self.onednn, self.per, self.hidden, self.eps, scale)
+
+    def steps(self, x: torch.Tensor, mods: torch.Tensor, coefs: list[tuple[float, float, float]],
+              noise: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        """len(coefs) solver steps x <- a x + b v(x) + c noise[:, i] on the modulations mods [n, K, ...]."""
+        with torch.autocast(x.device.type, enabled=False):
+            return _scripted()[1](x, mods, [list(c) for c in coefs], noise, self.weights, self.onednn, self.per,
+                                  self.hidden, self.eps, scale)
 
 
 def packed_trunk(head: nn.Module, dtype: torch.dtype, rows: int) -> PackedTrunk | None:

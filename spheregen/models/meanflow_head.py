@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad
 
-from spheregen.models.flow_head import FlowHead, ModulationTable, solve, solver_times, timestep_embedding
+from spheregen.models.flow_head import FlowHead, ModulationTable, solver_times, timestep_embedding
 
 AVERAGE_SHARE = 0.25  # rows with r != t (the paper's best ratio; the rest train the instantaneous velocity)
 WEIGHT_POWER, WEIGHT_EPS = 1.0, 1e-3  # adaptive loss weight 1 / (||err||^2 + eps)^power
@@ -100,7 +100,7 @@ class MeanFlowHead(FlowHead):
             return super().sample(h, noise, scale, sampler, steps, temperature)
         table = ModulationTable(self, h, self.eval_times(sampler, steps), guided=False,
                                 guidance=1.0 if scale is None else scale)
-        return solve(table.velocity(None), noise, sampler, steps, temperature)
+        return table.solve(None, noise, sampler, steps, temperature)
 
     def eval_times(self, sampler: str, steps: int) -> list[tuple[float, float]]:
         """`euler` jumps with the average velocity over each step [t_i, t_i+1]; the other solvers use the
