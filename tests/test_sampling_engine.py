@@ -217,3 +217,12 @@ def test_scripted_chunks_of_steps_equal_the_python_solver_on_the_engine(sampler,
     assert torch.equal(fast, stepwise)
     ref = solve(guided_velocity(head, h, scale), noise, sampler, 7, temperature=0.9)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_solver_loop_is_scripted_on_this_torch():
+    """The engine falls back to eager Python where TorchScript fails; on the pinned torch it must not (a silent
+    fallback would cost the speed-up without failing anything else)."""
+    from spheregen.models.head_engine import _scripted
+
+    trunk, steps = _scripted()
+    assert isinstance(trunk, torch.jit.ScriptFunction) and isinstance(steps, torch.jit.ScriptFunction)
