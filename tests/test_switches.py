@@ -167,23 +167,36 @@ def test_logger_wandb_offline(tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb"))
 
 
+def _spy_head_dtype(monkeypatch) -> list:
+    """Record the dtype the flow head's sampling engine is asked for (on CPU the packed engine runs the head)."""
+    from spheregen.models import flow_head
+
+    seen, real = [], flow_head.packed_trunk
+
+    def spy(head, dtype, rows):
+        seen.append(dtype)
+        return real(head, dtype, rows)
+
+    monkeypatch.setattr(flow_head, "packed_trunk", spy)
+    return seen
+
+
 def test_sample_precision_reaches_the_ar_networks(tiny, tmp_path, monkeypatch):
     """SphereAR's transformer and flow head follow --precision (default on CPU: fp32, no autocast)."""
-    from spheregen.models.flow_head import FlowHead
+    from spheregen.layers import Block
 
-    heads = _spy_autocast(monkeypatch, FlowHead, "forward")
+    heads, blocks = _spy_head_dtype(monkeypatch), _spy_autocast(monkeypatch, Block, "forward")
     _sample(tiny, tmp_path, "ar_default")
-    assert heads and set(heads) == {None}
-    heads.clear()
+    assert heads and set(heads) == {torch.float32} and set(blocks) == {None}
+    heads.clear(), blocks.clear()
     _sample(tiny, tmp_path, "ar_bf16_head", "--precision", "bf16")
-    assert heads and set(heads) == {torch.bfloat16}
+    assert heads and set(heads) == {torch.bfloat16} and set(blocks) == {torch.bfloat16}
 
 
 def test_pipeline_precision_reaches_the_ar_networks(tiny, monkeypatch):
-    from spheregen.models.flow_head import FlowHead
     from spheregen.pipelines import SphereARPipeline
 
-    heads = _spy_autocast(monkeypatch, FlowHead, "forward")
+    heads = _spy_head_dtype(monkeypatch)
     pipe = SphereARPipeline.from_pretrained(tiny / "ar").to(precision="bf16")
     pipe(class_labels=[1], num_inference_steps=1, seed=0)
     assert heads and set(heads) == {torch.bfloat16}
