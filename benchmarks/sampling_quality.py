@@ -56,9 +56,10 @@ def evaluations(sampler: str, steps: int) -> int:
     return {"euler": steps, "heun": 2 * steps - 1, "euler_maruyama": steps + 1}[sampler]
 
 
-def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds) -> tuple[Path, dict]:
+def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds,
+                 heads: tuple[str, ...] = FEW_STEP) -> tuple[Path, dict]:
     """The shared spherical tokenizer and latents, one AR model per trained head (trained or reused), and the
-    head distilled from the Euclidean one."""
+    heads distilled from the Euclidean one; of the few-step heads, only `heads`."""
     from spheregen.cli.demo import run_spheregen, train_or_resume
 
     dev = ["--device", device]
@@ -71,8 +72,9 @@ def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds)
                       *dev)
     ars = {flow: train_or_resume("ar", AR_CONFIG, runs / f"ar-{flow}", "--data", data, "--latents", str(latents),
                                  "--set", f"model.flow={flow}", "--set", f"train.ckpt_every={budget.ar_steps}", *dev,
-                                 steps=budget.ar_steps) for flow in ("euclidean", "meanflow")}
-    for name, config in DISTILL_CONFIGS.items():
+                                 steps=budget.ar_steps) for flow in ("euclidean", "meanflow")
+           if flow == "euclidean" or flow in heads}
+    for name, config in [(n, c) for n, c in DISTILL_CONFIGS.items() if n in heads]:
         ars[name] = train_or_resume("distill", config, runs / f"ar-{name}", "--teacher", str(ars["euclidean"]),
                                     "--latents", str(latents), *dev)
     return tok, ars
@@ -93,7 +95,8 @@ def side_by_side(models: dict, labels: list[int], repeats: int) -> dict:
         opts = {"cfg": CFG, "cfg_schedule": "constant", "sampler": sampler, "steps": steps}
         return lambda: model.generate_images(lab, seeds, opts)
 
-    runs = harness.alternate({name: arm(name) for name in SPEED_ARMS}, repeats)
+    runs = harness.alternate({name: arm(name) for name, (flow, _, _) in SPEED_ARMS.items() if flow in models},
+                             repeats)
     base = statistics.median(runs["authors"])
     arms = {}
     for name, r in runs.items():
@@ -115,10 +118,11 @@ def measure(args) -> Path:
     tag = args.budget + ("-custom" if args.set else "")
     runs = Path(args.runs) if args.runs else harness.ROOT / "runs" / "ablate" / f"flow_{Path(args.data).name}-{tag}"
     out = Path(args.out) if args.out else harness.RESULTS / f"{name}_{tag}.json"
-    tok, ars = train_models(args.data, runs, budget, args.device, ds)
+    heads = tuple(h for h in args.heads.split(",") if h)
+    tok, ars = train_models(args.data, runs, budget, args.device, ds, heads)
     labels = harness.class_labels(ds.num_classes, budget.per_class)
     rows = []
-    for flow, grid in GRID.items():
+    for flow, grid in [(f, g) for f, g in GRID.items() if f in ars]:
         model = load_generator(str(ars[flow]), device=args.device)
         cells = harness.Cells(runs / f"quality-{flow}", budget)
         for sampler, steps in grid:
@@ -237,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-threads", type=int, default=torch.get_num_threads(),
                    help="threads of the side-by-side speed measurement (default: this process's)")
     p.add_argument("--speed-repeats", type=int, default=3, help="alternating timed runs per speed arm (0: none)")
+    p.add_argument("--heads", default=",".join(FEW_STEP),
+                   help=f"few-step heads to train and measure, a comma list of {', '.join(FEW_STEP)} (the Euclidean "
+                        "head, the reference, always runs)")
     harness.add_common_args(p)
     args = p.parse_args(argv)
+    if any(h not in FEW_STEP for h in args.heads.split(",") if h):
+        p.error(f"--heads takes a comma list of {', '.join(FEW_STEP)}, got {args.heads!r}")
     if args.markdown:
         print("\n".join(line for res in args.markdown for line in section(json.loads(Path(res).read_text()))))
         return 0
