@@ -8,9 +8,11 @@ alternate (authors, spheregen, authors, ...) after one warm-up each; the speed-u
 Extra arms (`--arms`) time spheregen's few-step settings in the same process (Euler with 1 and 2 steps on a
 MeanFlow head of the same size, with CFG on two rows or folded into the head), and `products_only`, the
 100-step head's matrix products alone (a floor for any exact sampler at these FLOPs). Use 2 threads as the issue
-does:
+does. `--precision bf16` runs both loops' networks at the authors' own sampling precision (their sampler runs
+under bf16 autocast; spheregen's packed head then uses prepacked oneDNN bf16 products):
 
     python benchmarks/sampling_speed.py --arms products_only,meanflow_1,folded_1   # -> results/sampling_speed_cpu.json
+    python benchmarks/sampling_speed.py --precision bf16                           # -> sampling_speed_cpu_bf16.json
 """
 
 from __future__ import annotations
