@@ -180,7 +180,7 @@ def speed_table(res: dict) -> list[str]:
         return []
     rows = [[name, a["head"], a["sampler"], a["steps"], f(a["median_s"], ".3f"), f(a["images_per_s"], ".1f"),
              f"{a['vs_authors']:.2f}x"] for name, a in speed["arms"].items()]
-    return [f"Side by side in one process ({speed['hardware']}, {speed['threads']} thread(s), {speed['date']}): one "
+    return [f"Side by side in one process ({speed['hardware']}, {speed['date']}): one "
             f"batch of {speed['batch']} images per run, decoding included, medians of {speed['repeats']} alternating "
             "runs; `authors` is benchmarks/authors_sampler.py (Euler-Maruyama 100) on the Euclidean model.", "",
             table(["arm", "head", "sampler", "head steps", "s / batch", "images/s", "vs authors"], rows), ""]
