@@ -105,24 +105,25 @@ class PackedTrunk:
         self.onednn = dtype == torch.bfloat16 and _mkldnn_bf16()
         block_dtype = dtype if dtype == torch.bfloat16 else torch.float32
 
-        def pack(layer: nn.Linear, onednn: bool, dt: torch.dtype) -> list[torch.Tensor]:
-            w, b = layer.weight.detach().to(dt), layer.bias.detach().to(dt)
+        def pack(w: torch.Tensor, b: torch.Tensor, onednn: bool, dt: torch.dtype) -> list[torch.Tensor]:
+            w, b = w.detach().to(dt), b.detach().to(dt)
             if onednn:  # oneDNN's blocked layout, chosen for `rows`-row inputs (any row count works)
                 return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows), b.contiguous()]
             return [w.t().contiguous(), b]  # W^T [in, out]
 
-        self.weights = pack(head.input_proj, False, torch.float32) + pack(head.final_proj, False, torch.float32)
-        # the AdaLN linears stacked, the 1s of (1 + scale) in the bias: the table product (FlowHead.modulations)
-        self.mod_shape = tuple(head.scale_one.shape)  # (K, C)
-        mod = nn.Linear(head.width, head.scale_one.numel())
-        with torch.no_grad():
-            layers = [*head.adaln, head.final_adaln]
-            mod.weight.copy_(torch.cat([a.weight for a in layers]))
-            mod.bias.copy_(torch.cat([a.bias for a in layers]) + head.scale_one.flatten())
-        self.mod_weights = pack(mod, self.onednn, block_dtype)
+        fp32, onednn = torch.float32, self.onednn
+        self.weights = pack(head.input_proj.weight, head.input_proj.bias, False, fp32) + \
+            pack(head.final_proj.weight, head.final_proj.bias, False, fp32)
         for blk in head.blocks:
+            w13, w2 = blk.mlp.w13, blk.mlp.w2
             self.weights += [blk.norm.weight.detach(), blk.norm.bias.detach(),
-                             *pack(blk.mlp.w13, self.onednn, block_dtype), *pack(blk.mlp.w2, self.onednn, block_dtype)]
+                             *pack(w13.weight, w13.bias, onednn, block_dtype),
+                             *pack(w2.weight, w2.bias, onednn, block_dtype)]
+        # the AdaLN linears stacked, the 1s of (1 + scale) in the bias: the table product (FlowHead.modulations)
+        layers = [*head.adaln, head.final_adaln]
+        self.mod_shape = tuple(head.scale_one.shape)  # (K, C)
+        self.mod_weights = pack(torch.cat([a.weight for a in layers]),
+                                torch.cat([a.bias for a in layers]) + head.scale_one.flatten(), onednn, block_dtype)
 
     def modulations(self, y: torch.Tensor) -> torch.Tensor:
         """The AdaLN outputs of y = SiLU(t_emb + c_emb) [e, *rows, C] as fp32 [e, K, *rows, C], each step's K
