@@ -24,6 +24,7 @@ from spheregen.checkpoint import PretrainedMixin, register_model
 from spheregen.config import from_dict
 from spheregen.errors import UserError, check_choice, check_class_ids
 from spheregen.layers import Block, KVCache, RMSNorm, drop_labels, grid_positions, rope_angles, swiglu_hidden
+from spheregen.models.decode_engine import packed_decoder
 from spheregen.models.flow_head import SAMPLERS
 from spheregen.models.heads import FLOW_TYPES, build_head
 from spheregen.sphere import project
@@ -230,12 +231,15 @@ class SphereAR(PretrainedMixin, nn.Module):
         autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         caches = ([KVCache(len(rows), c.n_heads, c.n_cls_tokens + T - 1, c.dim // c.n_heads, device, dtype)
                    for _ in self.blocks] if use_cache else None)
+        step = packed_decoder(self) if use_cache and amp is None else None  # CPU fp32 one-token step, or None
         tokens = torch.empty(B, T, c.token_dim, device=device)
         new = self._class_tokens(rows)  # the inputs not seen yet
         seq, start = new, 0
         with autocast:
             for k in tqdm(range(T), disable=not progress, leave=False, desc="tokens", dynamic_ncols=True):
-                h = self._run(new, start, caches)[:, -1] if use_cache else self._run(seq)[:, -1]
+                one = step is not None and new.shape[1] == 1  # one position per row: the packed step
+                h = step(new[:, 0], start, caches) if one else (self._run(new, start, caches) if use_cache
+                                                                  else self._run(seq))[:, -1]
                 start += new.shape[1]
                 scale = cfg_scale(cfg, k, T, cfg_schedule) if guided or scale_input else None
                 split = guided and independent and scale == 1.0  # the authors' token 0: rows not mixed at s_k = 1

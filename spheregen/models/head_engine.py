@@ -5,7 +5,8 @@ On a CPU three costs dominate: the products, the per-op overhead of calling them
 transposed weight views `nn.Linear` hands to MKL (~25% slower at these sizes than a contiguous [in, out]
 copy). `PackedTrunk` lays the weights out once per set of weights and runs the same math leaner:
 
-- fp32: every product is `addmm(bias, x, W^T)` on a contiguous W^T, bitwise equal to `F.linear(x, W, bias)`;
+- fp32: every product is `addmm(bias, x, W^T)` on a contiguous W^T: `F.linear(x, W, bias)` up to float
+  rounding (bitwise at most sizes; MKL picks another kernel for a few small shapes);
 - bf16 (the authors' sampling precision: their networks run under bf16 autocast): the ResBlocks' products
   are prepacked for oneDNN once, one oneDNN call each (AMX / AVX512-BF16 where the CPU has them); the tiny
   input and output products, the residual stream, LayerNorms, modulations, guidance and solver stay fp32;
