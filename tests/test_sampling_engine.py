@@ -228,3 +228,34 @@ def test_the_solver_loop_is_scripted_on_this_torch():
 
     trunk, steps = _scripted()
     assert isinstance(trunk, torch.jit.ScriptFunction) and isinstance(steps, torch.jit.ScriptFunction)
+
+
+@pytest.mark.parametrize("flow", ["euclidean", "meanflow"])
+def test_one_generate_call_makes_time_features_and_packing_once(flow, monkeypatch):
+    """Inside `generate` the weights are fixed: tokens after the first reuse the time features and the engine
+    (the same samples as making them per token, which is what happens outside `fixed_weights`)."""
+    model = tiny_model(flow)
+    kw = dict(sampler="euler_maruyama", steps=3, cfg=3.0)
+    counts = {"time": 0, "pack": 0}
+    real_time, real_pack = type(model.head).time_features, flow_head.packed_trunk
+
+    def time_features(self, *args):
+        counts["time"] += 1
+        return real_time(self, *args)
+
+    def packed(*args):
+        counts["pack"] += 1
+        return real_pack(*args)
+
+    monkeypatch.setattr(type(model.head), "time_features", time_features)
+    monkeypatch.setattr(flow_head, "packed_trunk", packed)
+    a = model.generate([0, 1, 2], [5, 6, 7], **kw)
+    assert counts == {"time": 1, "pack": 1}  # 6 tokens, one solver: made once
+    assert "_memo" not in model.head.__dict__  # nothing kept after the call
+    h = torch.randn(6, 32)
+    noise = torch.randn(3, noise_draws("euler_maruyama", 3), 16)
+    with model.head.fixed_weights():
+        inside = [model.head.sample(h, noise, 3.0, "euler_maruyama", 3) for _ in range(2)]
+    outside = model.head.sample(h, noise, 3.0, "euler_maruyama", 3)
+    assert torch.equal(inside[0], outside) and torch.equal(inside[1], outside)
+    assert a.shape == (3, 6, 16)

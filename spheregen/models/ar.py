@@ -235,7 +235,7 @@ class SphereAR(PretrainedMixin, nn.Module):
         tokens = torch.empty(B, T, c.token_dim, device=device)
         new = self._class_tokens(rows)  # the inputs not seen yet
         seq, start = new, 0
-        with autocast:
+        with autocast, self.head.fixed_weights():
             for k in tqdm(range(T), disable=not progress, leave=False, desc="tokens", dynamic_ncols=True):
                 one = step is not None and new.shape[1] == 1  # one position per row: the packed step
                 h = step(new[:, 0], start, caches) if one else (self._run(new, start, caches) if use_cache

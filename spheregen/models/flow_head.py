@@ -21,7 +21,8 @@ runs on packed weights (models/head_engine.py: contiguous W^T in fp32, prepacked
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,25 @@ class FlowHead(nn.Module):
             kwargs["mode"] = "reduce-overhead"
         super().compile(*args, **kwargs)
 
+    @contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """Inside, the weights stay as they are (one `generate` call): each token's ModulationTable reuses the
+        time features and the packed engine made for the first token instead of making them again."""
+        self.__dict__["_memo"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_memo", None)
+
+    def memo(self, key: tuple, make: Callable[[], object]) -> object:
+        """make() once per key inside `fixed_weights`; at every call outside it."""
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            return make()
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
     def noise_draws(self, sampler: str, steps: int) -> int:
         """Standard-normal vectors per token that `sample` consumes with this sampler and step count."""
         return noise_draws(sampler, steps)
@@ -175,9 +195,14 @@ class ModulationTable:
                  guidance: float | None = None):
         uniq = sorted(set(times))  # the solvers' times never decrease, so chunks are used in order
         self.index = {t: i for i, (t, _) in enumerate(uniq)}
-        t, r = torch.tensor(uniq, dtype=torch.float32, device=h.device).unbind(-1)
-        w = None if guidance is None else torch.full_like(t, guidance)  # a CFG scale as the head's input
-        self.head, self.t_emb, self.c_emb = head, head.time_features(t, r, w), head.cond_embed(h)  # [E, C], [R, C]
+
+        def time_features() -> torch.Tensor:
+            t, r = torch.tensor(uniq, dtype=torch.float32, device=h.device).unbind(-1)
+            w = None if guidance is None else torch.full_like(t, guidance)  # a CFG scale as the head's input
+            return head.time_features(t, r, w)
+
+        self.head, self.c_emb = head, head.cond_embed(h)  # [R, C]
+        self.t_emb = head.memo(("time", tuple(uniq), guidance, h.device), time_features)  # [E, C]
         self.rows = (2, len(h) // 2) if guided else (len(h),)  # guided: [h_cond; h_null] -> [2, B]
         self.chunk = max(1, TABLE_BYTES // (len(h) * head.scale_one.numel() * 4))
         self.start, self.block, self.packed = 0, None, None  # packed: the engine, once `engine` found one
@@ -203,7 +228,8 @@ class ModulationTable:
         the engine also makes the modulation blocks (fp32, its elementwise dtype)."""
         device = self.c_emb.device.type
         amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        self.packed = packed_trunk(self.head, amp or self.head.input_proj.weight.dtype, math.prod(self.rows))
+        dtype, rows = amp or self.head.input_proj.weight.dtype, math.prod(self.rows)
+        self.packed = self.head.memo(("engine", dtype, rows), lambda: packed_trunk(self.head, dtype, rows))
         return self.packed
 
     def velocity(self, scale: float | None) -> VelocityFn:
