@@ -56,10 +56,16 @@ def evaluations(sampler: str, steps: int) -> int:
     return {"euler": steps, "heun": 2 * steps - 1, "euler_maruyama": steps + 1}[sampler]
 
 
+def distill_tag(overrides: list[str]) -> str:
+    """The folder suffix of distilled runs trained with config overrides ("" without), e.g. -steps1500_lr2.5e-4."""
+    return "".join(("-" if i == 0 else "_") + o.split(".")[-1].replace("=", "") for i, o in enumerate(overrides))
+
+
 def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds,
-                 heads: tuple[str, ...] = FEW_STEP) -> tuple[Path, dict]:
+                 heads: tuple[str, ...] = FEW_STEP, distill_set: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """The shared spherical tokenizer and latents, one AR model per trained head (trained or reused), and the
-    heads distilled from the Euclidean one; of the few-step heads, only `heads`."""
+    heads distilled from the Euclidean one (with the config overrides `distill_set`); of the few-step heads,
+    only `heads`."""
     from spheregen.cli.demo import run_spheregen, train_or_resume
 
     dev = ["--device", device]
@@ -74,9 +80,12 @@ def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds,
                                  "--set", f"model.flow={flow}", "--set", f"train.ckpt_every={budget.ar_steps}", *dev,
                                  steps=budget.ar_steps) for flow in ("euclidean", "meanflow")
            if flow == "euclidean" or flow in heads}
+    steps = [int(o.partition("=")[2]) for o in distill_set if o.startswith("train.steps=")]
+    sets = [a for o in distill_set if not o.startswith("train.steps=") for a in ("--set", o)]
     for name, config in [(n, c) for n, c in DISTILL_CONFIGS.items() if n in heads]:
-        ars[name] = train_or_resume("distill", config, runs / f"ar-{name}", "--teacher", str(ars["euclidean"]),
-                                    "--latents", str(latents), *dev)
+        ars[name] = train_or_resume("distill", config, runs / f"ar-{name}{distill_tag(list(distill_set))}",
+                                    "--teacher", str(ars["euclidean"]), "--latents", str(latents), *sets, *dev,
+                                    steps=steps[-1] if steps else None)
     return tok, ars
 
 
@@ -117,14 +126,15 @@ def measure(args) -> Path:
     name = f"sampling_quality_{Path(args.data).name}"
     tag = args.budget + ("-custom" if args.set else "")
     runs = Path(args.runs) if args.runs else harness.ROOT / "runs" / "ablate" / f"flow_{Path(args.data).name}-{tag}"
-    out = Path(args.out) if args.out else harness.RESULTS / f"{name}_{tag}.json"
+    args.distill_tag = distill_tag(args.distill_set)  # distilled with overrides: their own folders and file
+    out = Path(args.out) if args.out else harness.RESULTS / f"{name}_{tag}{args.distill_tag}.json"
     heads = tuple(h for h in args.heads.split(",") if h)
-    tok, ars = train_models(args.data, runs, budget, args.device, ds, heads)
+    tok, ars = train_models(args.data, runs, budget, args.device, ds, heads, tuple(args.distill_set))
     labels = harness.class_labels(ds.num_classes, budget.per_class)
     rows = []
     for flow, grid in [(f, g) for f, g in GRID.items() if f in ars]:
         model = load_generator(str(ars[flow]), device=args.device)
-        cells = harness.Cells(runs / f"quality-{flow}", budget)
+        cells = harness.Cells(runs / f"quality-{flow}{args.distill_tag if flow in DISTILL_CONFIGS else ''}", budget)
         for sampler, steps in grid:
             def cell(sampler=sampler, steps=steps, model=model, flow=flow) -> dict:
                 opts = {"cfg": CFG, "cfg_schedule": "constant", "sampler": sampler, "steps": steps}
@@ -134,19 +144,27 @@ def measure(args) -> Path:
                         "images_per_s": 1.0 / sec, **harness.score(images, labels, args.data, budget, args.device)}
 
             rows.append(cells.get(f"{sampler}_{steps}", cell))
-    speed = None
+    speeds = []
     if args.speed_repeats:
         torch.set_num_threads(args.speed_threads)
         models = {flow: load_generator(str(ars[flow]), device=args.device) for flow in ars}
-        speed = harness.Cells(runs / "quality-speed", budget).get(
-            f"speed_threads{args.speed_threads}", lambda: side_by_side(models, labels, args.speed_repeats))
+        cells = harness.Cells(runs / f"quality-speed{args.distill_tag}", budget)
+        for n in speed_batches(args.speed_batches, len(labels)):
+            batch = [labels[i * len(labels) // n] for i in range(n)]  # spread over the classes
+            key = f"speed_threads{args.speed_threads}" + ("" if n == len(labels) else f"_batch{n}")
+            speeds.append(cells.get(key, lambda batch=batch: side_by_side(models, batch, args.speed_repeats)))
     spread_file = harness.RESULTS / f"seed_spread_{Path(args.data).name}_{args.budget}.json"
     spread = json.loads(spread_file.read_text())["spread"] if spread_file.is_file() else None
     return harness.write_json(out, harness.header(name, args.budget, budget, {
         "data": args.data, "num_classes": ds.num_classes, "cfg": CFG, "cfg_schedule": "constant", "batch_size": 100,
         "tokenizer": str(tok), "ar": {k: str(v) for k, v in ars.items()}, "ar_config": AR_CONFIG,
         "distill_configs": DISTILL_CONFIGS, "seed_spread": spread, "seed_spread_file": str(spread_file),
-        "rows": rows, "speed": speed}))
+        "distill_overrides": args.distill_set, "rows": rows, "speeds": speeds}))
+
+
+def speed_batches(spec: str, n_labels: int) -> list[int]:
+    """--speed-batches: a comma list of batch sizes, "all" meaning one batch of every cell label."""
+    return [n_labels if b == "all" else min(int(b), n_labels) for b in spec.split(",") if b]
 
 
 # -- the results section ------------------------------------------------------------------------------------
@@ -157,33 +175,38 @@ def verdicts(res: dict) -> list[dict]:
     ref = next(r for r in res["rows"] if r["flow"] == "euclidean" and r["sampler"] == "euler_maruyama"
                and r["steps"] == 100)
     sd = res.get("seed_spread") or {}
-    speed = (res.get("speed") or {}).get("arms", {})
     out = []
     for r in res["rows"]:
         if r["flow"] not in FEW_STEP or r["evals"] > 2:
             continue
         fid_ok = r["fid"] <= ref["fid"] + 2 * sd["fid"]["sd"] if "fid" in sd else None
         acc_ok = (r["acc"] >= ref["acc"] - 2 * sd["acc"]["sd"]) if "acc" in sd and r.get("acc") is not None else None
-        arm = speed.get(f"{r['flow']}_{r['steps']}") if r["sampler"] == "euler" else None
+        arm = f"{r['flow']}_{r['steps']}" if r["sampler"] == "euler" else None
         out.append({"cell": r, "ref": ref, "fid_ok": fid_ok, "acc_ok": acc_ok,
                     "speedup": r["images_per_s"] / ref["images_per_s"],
-                    "vs_authors": arm["vs_authors"] if arm else None})
+                    "vs_authors": {sp["batch"]: sp["arms"][arm]["vs_authors"] for sp in speed_runs(res)
+                                   if arm in sp["arms"]}})
     return out
 
 
+def speed_runs(res: dict) -> list[dict]:
+    """The side-by-side measurements of a result file (older files hold one, as `speed`)."""
+    return res.get("speeds") or ([res["speed"]] if res.get("speed") else [])
+
+
 def speed_table(res: dict) -> list[str]:
-    """The side-by-side images/s table, or nothing when the run measured none."""
+    """The side-by-side images/s tables, one per batch size, or nothing when the run measured none."""
     from results_page import f, table
 
-    speed = res.get("speed")
-    if not speed:
-        return []
-    rows = [[name, a["head"], a["sampler"], a["steps"], f(a["median_s"], ".3f"), f(a["images_per_s"], ".1f"),
-             f"{a['vs_authors']:.2f}x"] for name, a in speed["arms"].items()]
-    return [f"Side by side in one process ({speed['hardware']}, {speed['date']}): one "
-            f"batch of {speed['batch']} images per run, decoding included, medians of {speed['repeats']} alternating "
-            "runs; `authors` is benchmarks/authors_sampler.py (Euler-Maruyama 100) on the Euclidean model.", "",
-            table(["arm", "head", "sampler", "head steps", "s / batch", "images/s", "vs authors"], rows), ""]
+    out = []
+    for speed in speed_runs(res):
+        rows = [[name, a["head"], a["sampler"], a["steps"], f(a["median_s"], ".3f"), f(a["images_per_s"], ".1f"),
+                 f"{a['vs_authors']:.2f}x"] for name, a in speed["arms"].items()]
+        out += [f"Side by side in one process ({speed['hardware']}, {speed['date']}): one batch of {speed['batch']} "
+                f"images per run, decoding included, medians of {speed['repeats']} alternating runs; `authors` is "
+                "benchmarks/authors_sampler.py (Euler-Maruyama 100) on the Euclidean model.", "",
+                table(["arm", "head", "sampler", "head steps", "s / batch", "images/s", "vs authors"], rows), ""]
+    return out
 
 
 def plot(res: dict, path: Path) -> Path:
@@ -212,9 +235,11 @@ def section(res: dict) -> list[str]:
     img = plot(res, IMAGES / f"sampling_quality_{data}_{res['budget']}.png")
     rows = [[r["flow"], r["sampler"], r["steps"], r["evals"], f(r["images_per_s"], ".2f"), f(r["fid"]),
              f(r.get("acc"), ".3f"), f(r["dfid"])] for r in res["rows"]]
-    out = [f"### {data}", "", settings(res, f"AR {b['ar_steps']} steps ({res['ar_config']}) per head on the same "
-                                       f"latents, CFG {res['cfg']:g} constant, batch 100, decoding included, "
-                                       "images/s on 1 thread; "), "",
+    overrides = res.get("distill_overrides") or []
+    distilled = f"distilled heads trained with {', '.join(overrides)}; " if overrides else ""
+    out = [f"### {data}" + (f" ({', '.join(overrides)})" if overrides else ""), "",
+           settings(res, f"AR {b['ar_steps']} steps ({res['ar_config']}) per head on the same latents, {distilled}"
+                         f"CFG {res['cfg']:g} constant, batch 100, decoding included, images/s on 1 thread; "), "",
            table(["head", "sampler", "head steps", "evals / token", "images/s", "FID", "acc", "dFID"], rows), "",
            f"![images/s against quality, {data}](images/{img.name})", ""]
     out += speed_table(res)
@@ -222,8 +247,8 @@ def section(res: dict) -> list[str]:
     for v in verdicts(res):
         c, ref = v["cell"], v["ref"]
         ok = "meets" if v["fid_ok"] and v["acc_ok"] else "does not meet"
-        fast = f"{v['vs_authors']:.1f}x the authors' loop side by side" if v["vs_authors"] else \
-            f"{v['speedup']:.1f}x the images/s of that cell"
+        fast = ", ".join(f"{x:.1f}x the authors' loop side by side at batch {b}" for b, x in v["vs_authors"].items()) \
+            or f"{v['speedup']:.1f}x the images/s of that cell"
         name = {"distilled": "distilled MeanFlow (CFG on two rows)", "folded": "distilled MeanFlow (CFG folded in)",
                 "meanflow": "MeanFlow from scratch"}[c["flow"]]
         out.append(f"- **{name}, {c['evals']} evaluation(s) per token:** FID {c['fid']:.1f} vs {ref['fid']:.1f} "
@@ -241,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-threads", type=int, default=torch.get_num_threads(),
                    help="threads of the side-by-side speed measurement (default: this process's)")
     p.add_argument("--speed-repeats", type=int, default=3, help="alternating timed runs per speed arm (0: none)")
+    p.add_argument("--speed-batches", default="all",
+                   help="batch sizes of the speed measurement, a comma list (all: one batch of every cell label)")
+    p.add_argument("--distill-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a distillation config value (as `spheregen train --set`); the distilled runs and "
+                        "their cells then live in their own folders")
     p.add_argument("--heads", default=",".join(FEW_STEP),
                    help=f"few-step heads to train and measure, a comma list of {', '.join(FEW_STEP)} (the Euclidean "
                         "head, the reference, always runs)")
