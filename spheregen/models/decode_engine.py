@@ -41,8 +41,9 @@ def _decode(x: torch.Tensor, rot: torch.Tensor, weights: List[torch.Tensor], key
     x = F.rms_norm(x, [C], weights[0], eps)
     for i in range(len(keys)):
         norm1, w_qkv, w_proj, norm2, w13, w2 = weights[1 + 6 * i:7 + 6 * i]
+        # [N, 3C] -> [N, 3 (q, k, v), H, hd/2, 2]: each head's channels as interleaved pairs
         qkv = torch.mm(F.rms_norm(x, [C], norm1, eps), w_qkv).view(N, 3, n_heads, hd // 2, 2)
-        # RoPE on q and k at once: interleaved pairs as complex numbers times e^{i angle}
+        # RoPE on q and k at once: the pairs as complex numbers times e^{i angle} -> [N, 2, H, 1, hd]
         qk = torch.view_as_real(torch.view_as_complex(qkv[:, :2]) * rot).view(N, 2, n_heads, 1, hd)
         keys[i][:, :, pos:pos + 1] = qk[:, 1]
         values[i][:, :, pos:pos + 1] = qkv[:, 2].reshape(N, n_heads, 1, hd)
