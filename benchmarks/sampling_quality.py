@@ -58,7 +58,8 @@ def evaluations(sampler: str, steps: int) -> int:
 
 def distill_tag(overrides: list[str]) -> str:
     """The folder suffix of distilled runs trained with config overrides ("" without), e.g. -steps1500_lr2.5e-4."""
-    return "".join(("-" if i == 0 else "_") + o.split(".")[-1].replace("=", "") for i, o in enumerate(overrides))
+    keys = [o.partition("=")[0].rpartition(".")[2] + o.partition("=")[2] for o in overrides]  # train.lr=1e-4 -> lr1e-4
+    return "".join(("-" if i == 0 else "_") + k for i, k in enumerate(keys))
 
 
 def train_models(data: str, runs: Path, budget: harness.Budget, device: str, ds,

@@ -147,6 +147,25 @@ def test_quality_verdict_compares_few_step_cells_with_the_100_step_default(tmp_p
     text = "\n".join(sampling_quality.section(res))
     assert "**meets**" in text and "**does not meet**" in text
     assert (tmp_path / "sampling_quality_mnist28_cpu.png").is_file()
+    speeds = [{"batch": b, "hardware": "test", "date": "-", "repeats": 3, "arms": {
+        "authors": {"head": "euclidean", "sampler": "euler_maruyama", "steps": 100, "median_s": 10.0,
+                    "images_per_s": b / 10.0, "vs_authors": 1.0},
+        "meanflow_1": {"head": "meanflow", "sampler": "euler", "steps": 1, "median_s": 10.0 / x,
+                       "images_per_s": b * x / 10.0, "vs_authors": x}}} for b, x in ((16, 30.0), (100, 18.0))]
+    v = sampling_quality.verdicts({**res, "speeds": speeds})
+    assert v[0]["vs_authors"] == {16: 30.0, 100: 18.0} and v[1]["vs_authors"] == {}  # no arm for 2 steps
+    text = "\n".join(sampling_quality.section({**res, "speeds": speeds}))
+    assert "30.0x the authors' loop side by side at batch 16, 18.0x" in text and text.count("one batch of") == 2
+
+
+def test_distilled_runs_with_overrides_get_their_own_folder_names():
+    import sampling_quality
+
+    assert sampling_quality.distill_tag([]) == ""
+    assert sampling_quality.distill_tag(["train.steps=1500", "train.lr=2.5e-4", "distill.average_share=0.75"]) == \
+        "-steps1500_lr2.5e-4_average_share0.75"
+    assert sampling_quality.speed_batches("16,all", 90) == [16, 90]
+    assert sampling_quality.speed_batches("200", 90) == [90]
 
 
 @pytest.mark.parametrize("rows,fan_in,fan_out", [(12, 40, 72), (5, 128, 48), (32, 256, 384)])
