@@ -12,7 +12,7 @@ at 32 rows, about half of a token's transformer time goes outside the products (
   blocks (the module path forms it per block: the same numbers);
 - the attention as the module path's two batched products over the cache (models/layers.py).
 
-It equals `SphereAR._run` over the caches up to float rounding (bitwise at most sizes; tested), and runs only
+It equals `SphereAR._run` over the caches up to float rounding (tested; bitwise at most sizes), and runs only
 where it applies and pays: on CPU, fp32 without autocast, plain pre-norm blocks without biases (SphereAR's).
 `packed_decoder(model)` returns the cached packing, rebuilt when any weight changes, or None where the module
 path runs.
