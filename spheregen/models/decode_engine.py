@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spheregen.layers import KVCache
+from spheregen.models.head_engine import cached_by_weights
 
 
 def _decode(x: torch.Tensor, rot: torch.Tensor, weights: List[torch.Tensor], keys: List[torch.Tensor],
@@ -109,9 +110,4 @@ def packed_decoder(model: nn.Module) -> PackedDecoder | None:
     path should run: not on CPU, not fp32, biases or AdaLN in the blocks, a compiled model."""
     if not _supported(model):
         return None
-    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    cached = model.__dict__.get("_packed_decoder")
-    if cached is None or cached[0] != key:
-        cached = (key, PackedDecoder(model))
-        model.__dict__["_packed_decoder"] = cached  # a plain attribute: never saved, never a submodule
-    return cached[1]
+    return cached_by_weights(model, "_packed_decoder", (), lambda: PackedDecoder(model))

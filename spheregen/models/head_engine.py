@@ -24,11 +24,13 @@ fp16).
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+T = TypeVar("T")
 
 
 def _mkldnn_bf16() -> bool:
@@ -154,9 +156,15 @@ def packed_trunk(head: nn.Module, dtype: torch.dtype, rows: int) -> PackedTrunk 
     if dtype not in (torch.float32, torch.bfloat16) or params[0].device.type != "cpu" \
             or getattr(head, "_compiled_call_impl", None) is not None:
         return None
-    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
-    cached = head.__dict__.get("_packed_trunk")
+    return cached_by_weights(head, "_packed_trunk", (dtype,), lambda: PackedTrunk(head, dtype, rows))
+
+
+def cached_by_weights(module: nn.Module, attr: str, extra: tuple, build: Callable[[], T]) -> T:
+    """build(), cached on the module under `attr` (a plain attribute: never saved, never a submodule), made again
+    when `extra` differs or any parameter's storage or version changes (in-place updates bump the version)."""
+    key = (extra, tuple((p.data_ptr(), p._version) for p in module.parameters()))
+    cached = module.__dict__.get(attr)
     if cached is None or cached[0] != key:
-        cached = (key, PackedTrunk(head, dtype, rows))
-        head.__dict__["_packed_trunk"] = cached  # a plain attribute: never saved, never a submodule
+        cached = (key, build())
+        module.__dict__[attr] = cached
     return cached[1]
