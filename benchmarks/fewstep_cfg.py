@@ -29,6 +29,12 @@ def cell(model, labels: list[int], seed: int, opts: dict, args, budget) -> dict:
             **harness.score(images, labels, args.data, budget, args.device)}
 
 
+def choose(rows: list[dict], evals: int) -> dict:
+    """The swept cell for `evals` Euler steps with the best accuracy - FID / 100: accuracy first, FID breaking
+    near-ties (a rough joint score; unlabelled data: FID alone)."""
+    return max((r for r in rows if r["steps"] == evals), key=lambda r: (r.get("acc") or 0) - r["fid"] / 100)
+
+
 def measure(args) -> Path:
     from spheregen.data.datasets import ImageDataset
     from spheregen.generation import load_generator
@@ -44,8 +50,7 @@ def measure(args) -> Path:
              for n in (1, 2) for c in args.cfgs.split(",")]
     for row in sweep:
         print(f"selection: {row['steps']} evals, CFG {row['cfg']:g}: FID {row['fid']:.1f}, acc {row.get('acc')}")
-    best = {n: max((r for r in sweep if r["steps"] == n), key=lambda r: (r.get("acc") or 0) - r["fid"] / 100)
-            for n in (1, 2)}  # accuracy first, FID as the tie-break scale (a rough joint score, stated)
+    best = {n: choose(sweep, n) for n in (1, 2)}
     confirm = [cell(ref, labels, FRESH_SEED, REF, args, budget)] + \
         [cell(head, labels, FRESH_SEED, {k: best[n][k] for k in ("cfg", "cfg_schedule", "sampler", "steps")}, args,
               budget) for n in (1, 2)]

@@ -278,3 +278,14 @@ def test_one_generate_call_makes_time_features_and_packing_once(flow, monkeypatc
     outside = model.head.sample(h, noise, 3.0, "euler_maruyama", 3)
     assert torch.equal(inside[0], outside) and torch.equal(inside[1], outside)
     assert a.shape == (3, 6, 16)
+
+
+def test_fewstep_cfg_choice_weighs_accuracy_first_and_fid_as_tie_break():
+    import fewstep_cfg
+
+    rows = [{"steps": 2, "cfg": 2.0, "fid": 234.0, "acc": 0.43}, {"steps": 2, "cfg": 4.0, "fid": 223.0, "acc": 0.60},
+            {"steps": 2, "cfg": 8.0, "fid": 260.0, "acc": 0.62}, {"steps": 1, "cfg": 2.0, "fid": 50.0, "acc": 0.99}]
+    assert fewstep_cfg.choose(rows, 2)["cfg"] == 4.0  # 0.62 - 2.60 < 0.60 - 2.23: a big FID loss outweighs 0.02
+    assert fewstep_cfg.choose(rows, 1)["cfg"] == 2.0
+    unlabelled = [{"steps": 1, "cfg": c, "fid": f} for c, f in ((2.0, 70.0), (3.0, 60.0))]
+    assert fewstep_cfg.choose(unlabelled, 1)["cfg"] == 3.0
