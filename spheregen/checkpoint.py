@@ -21,6 +21,14 @@ from spheregen.errors import UserError
 MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
 
 
+def cache_root() -> Path:
+    """$SPHEREGEN_CACHE, else $XDG_CACHE_HOME/spheregen, else ~/.cache/spheregen."""
+    if os.environ.get("SPHEREGEN_CACHE"):
+        return Path(os.environ["SPHEREGEN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spheregen"
+
+
 _REGISTRY: dict[str, type] = {}
 
 

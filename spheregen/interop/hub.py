@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from spheregen.checkpoint import CONFIG_FILE, write_dir_atomically
+from spheregen.checkpoint import CONFIG_FILE, cache_root, write_dir_atomically
 from spheregen.errors import UserError
 
 HUB_PREFIX = "hf:"
@@ -83,14 +83,6 @@ def download(hub: HubFile) -> Path:
     except OSError as e:
         raise UserError(f"could not download {hub} ({str(e).splitlines()[0][:120]}); check the network "
                         "or set HF_HUB_OFFLINE=1 to use the cache") from None
-
-
-def cache_root() -> Path:
-    """$SPHEREGEN_CACHE, else $XDG_CACHE_HOME/spheregen, else ~/.cache/spheregen."""
-    if os.environ.get("SPHEREGEN_CACHE"):
-        return Path(os.environ["SPHEREGEN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "spheregen"
 
 
 def content_key(path: Path) -> str:

@@ -16,6 +16,11 @@ copy). `PackedTrunk` lays the weights out once per set of weights and runs the s
   TorchScript loop, so no Python runs between the ops of a token's solve (plain Python where TorchScript is
   missing: the same functions, eager).
 
+In fp32 where the native kernel builds (models/kernels: `flow_steps.cpp`, compiled once per machine), the chunks
+of solver steps and single evaluations run there instead: the same products through ATen, the elementwise work
+between them fused per row in C++, and the batch rows split between the threads, each solving its rows alone
+(no thread waits on another between the small ops). Otherwise the TorchScript functions here run.
+
 `packed_trunk(head, dtype, rows)` returns the cached packing, rebuilt when any weight changes (in-place
 updates bump a tensor's version), or None where the module path is the better one (CUDA, a compiled head,
 fp16).
@@ -29,6 +34,8 @@ from typing import Callable, List, Optional, TypeVar, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spheregen.models.kernels import flow_steps_op
 
 T = TypeVar("T")
 
@@ -106,6 +113,7 @@ class PackedTrunk:
         self.per, self.eps = head.depth // head.n_adaln, head.final_norm.eps
         self.hidden = head.blocks[0].mlp.w2.in_features
         self.onednn = dtype == torch.bfloat16 and _mkldnn_bf16()
+        self.kernel = flow_steps_op() if dtype == torch.float32 else None  # the native fp32 loop, where built
         block_dtype = dtype if dtype == torch.bfloat16 else torch.float32
 
         def pack(w: torch.Tensor, b: torch.Tensor, onednn: bool, dt: torch.dtype) -> list[torch.Tensor]:
@@ -133,20 +141,28 @@ class PackedTrunk:
         slices contiguous (FlowHead.modulations' numbers, laid out for the solver)."""
         with torch.autocast(y.device.type, enabled=False):
             out = _linear(y.reshape(-1, y.shape[-1]), *self.mod_weights, self.onednn).float()  # [e * rows, K * C]
-        return out.view(*y.shape[:-1], *self.mod_shape).movedim(-2, 1).contiguous()  # -> [e, K, *rows, C]
+        table = out.view(*y.shape[:-1], *self.mod_shape).movedim(-2, 1)  # -> [e, K, *rows, C]
+        return table if self.kernel is not None else table.contiguous()  # the kernel reads any strides
 
     def __call__(self, x: torch.Tensor, mods: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Velocity [N, d] (fp32) of state x [N, d] under the modulations [K, *rows, N, C] (rows = (2,): the
         cond and null rows of CFG, sharing x, combined with guidance `scale`; (): no guidance)."""
+        if self.kernel is not None:  # one step x <- 0 x + 1 v(x): the velocity
+            return self.steps(x.clone(), mods.unsqueeze(0), [(0.0, 1.0, 0.0)], None, scale)
         with torch.autocast(x.device.type, enabled=False):  # the engine casts for itself
-            return _scripted()[0](x, mods, self.weights, self.onednn, self.per, self.hidden, self.eps, scale)
+            return _scripted()[0](x, mods.contiguous(), self.weights, self.onednn, self.per, self.hidden, self.eps,
+                                  scale)
 
     def steps(self, x: torch.Tensor, mods: torch.Tensor, coefs: list[tuple[float, float, float]],
               noise: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         """len(coefs) solver steps x <- a x + b v(x) + c noise[:, i] on the modulations mods [n, K, ...]."""
+        if self.kernel is not None:  # mods [n, K, R, N, C]: R = 2 (cond, null) with guidance, R = 1 without
+            table = mods if scale is not None else mods.unsqueeze(2)
+            return self.kernel(x.float().contiguous(), table, [v for step in coefs for v in step], noise,
+                               self.weights, self.per, self.hidden, self.eps, scale)
         with torch.autocast(x.device.type, enabled=False):
-            return _scripted()[1](x, mods, [list(c) for c in coefs], noise, self.weights, self.onednn, self.per,
-                                  self.hidden, self.eps, scale)
+            return _scripted()[1](x, mods.contiguous(), [list(c) for c in coefs], noise, self.weights, self.onednn,
+                                  self.per, self.hidden, self.eps, scale)
 
 
 def packed_trunk(head: nn.Module, dtype: torch.dtype, rows: int) -> PackedTrunk | None:

@@ -1,0 +1,127 @@
+"""Native CPU kernels, compiled once on the machine that runs them (issue 20).
+
+`flow_steps_op()` returns `torch.ops.spheregen_kernels.flow_steps` (flow_steps.cpp beside this file: the flow
+head's fp32 solver loop, with the elementwise work between the matrix products fused per row and the batch
+rows split between the intra-op threads). The first call builds it with the system C++ compiler against the
+installed torch (`c++ -O3 -march=native`, ~15 s) into `$SPHEREGEN_CACHE/kernels/<key>.so`, the key covering the
+source, torch's version, the flags and this CPU's features; later calls and processes load the built file.
+The build runs under a file lock (the ranks of one job build it once) and writes a temporary name that is
+renamed when complete, so a killed build leaves nothing that looks finished.
+
+It returns None where the kernel cannot be had (no compiler, a failed build, SPHEREGEN_NATIVE=0), saying so
+once on stderr; callers then run the TorchScript path of models/head_engine.py, the same math, slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from spheregen.checkpoint import cache_root
+from spheregen.losses import say_once
+
+SOURCE = Path(__file__).with_name("flow_steps.cpp")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
+_LOADED: dict[str, Callable | None] = {}
+
+
+def flow_steps_op() -> Callable | None:
+    """torch.ops.spheregen_kernels.flow_steps, built and loaded on first use; None where unavailable."""
+    if "flow_steps" not in _LOADED:
+        _LOADED["flow_steps"] = _load()
+    return _LOADED["flow_steps"]
+
+
+def _registered() -> Callable | None:
+    try:
+        return torch.ops.spheregen_kernels.flow_steps
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _load() -> Callable | None:
+    if os.environ.get("SPHEREGEN_NATIVE", "1") == "0":
+        return None
+    if _registered() is None:
+        try:
+            torch.ops.load_library(str(build()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+            say_once(f"spheregen: the native CPU sampling kernel is unavailable ({reason}); sampling runs the "
+                     "TorchScript path (same results, slower). Set SPHEREGEN_NATIVE=0 to skip the build.")
+            return None
+    return _registered()
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiles for), or the processor's name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_key(compiler: str) -> str:
+    """A short hash of everything the built library depends on."""
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(FLAGS).encode(),
+             _cpu_features().encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """The kernel library for this machine: built into out_dir (default $SPHEREGEN_CACHE/kernels) unless a
+    complete one is already there. Raises OSError when no compiler is found, RuntimeError when the build fails."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise OSError("no C++ compiler found (install g++ or set CXX)")
+    out_dir = Path(out_dir) if out_dir is not None else cache_root() / "kernels"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"flow_steps-{build_key(compiler)}.so"
+    with _locked(out_dir / f"{target.stem}.lock"):
+        if target.exists():
+            return target
+        say_once(f"spheregen: compiling the CPU sampling kernel once for this machine (~15 s) into {out_dir}")
+        from torch.utils.cpp_extension import include_paths, library_paths
+
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *[f"-I{p}" for p in include_paths()], str(SOURCE), *[f"-L{p}" for p in library_paths()],
+               "-lc10", "-ltorch_cpu", "-o", tmp]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"the kernel build failed: {(done.stderr.strip() or 'no output')[-300:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return target
