@@ -28,13 +28,30 @@ def caches_for(model: SphereAR, rows: int) -> list[KVCache]:
 
 
 @pytest.mark.parametrize("dim,heads,layers", [(32, 2, 1), (48, 3, 2), (64, 4, 3)])
-def test_one_token_step_equals_the_module_path(dim, heads, layers):
-    model, rows = random_ar(dim, heads, layers, seed=dim + layers), 5
+@pytest.mark.parametrize("native,rows,threads", [(False, 5, 2), (True, 5, 2), (True, 1, 2), (True, 7, 1)])
+def test_one_token_step_equals_the_module_path(dim, heads, layers, native, rows, threads, monkeypatch):
+    """The TorchScript step and the native kernel (models/kernels/decode_step.cpp, rows split between threads)."""
+    from spheregen.models import decode_engine, kernels
+
+    if native and kernels.native_op("decode_step") is None:
+        pytest.skip("the native kernels are not built here (no C++ compiler)")
+    if not native:
+        monkeypatch.setattr(decode_engine, "native_op", lambda name: None)
+    model = random_ar(dim, heads, layers, seed=dim + layers)
     step = packed_decoder(model)
-    assert step is not None
+    assert step is not None and (step.kernel is not None) == native
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_steps(model, step, rows, dim)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_steps(model: SphereAR, step, rows: int, dim: int) -> None:
     ref_caches, caches = caches_for(model, rows), caches_for(model, rows)
     with torch.no_grad():
-        first = model._class_tokens(torch.tensor([0, 1, 2, 3, 1]))
+        first = model._class_tokens(torch.tensor([0, 1, 2, 3, 1, 2, 0][:rows]))
         model._run(first, 0, ref_caches)
         model._run(first, 0, caches)
         start = first.shape[1]

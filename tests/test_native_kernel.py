@@ -1,6 +1,6 @@
-"""The native fp32 solver loop (spheregen/models/kernels): it builds where a C++ compiler is, equals the
-TorchScript loop it replaces at every head shape and thread count, and its build caches and never leaves a
-half-written library behind."""
+"""The native sampling kernels (spheregen/models/kernels): they build where a C++ compiler is; the fp32 solver
+loop equals the TorchScript loop it replaces at every head shape and thread count (the decoding step's own
+tests are in test_decode_engine.py); the build caches and never leaves a half-written library behind."""
 
 import shutil
 import subprocess
@@ -20,7 +20,7 @@ needs_kernel = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler here")
 @needs_kernel
 def test_the_kernel_builds_and_loads_where_a_compiler_is():
     """A silent fallback would cost the speed-up without failing anything else."""
-    assert kernels.flow_steps_op() is not None
+    assert kernels.native_op("flow_steps") is not None and kernels.native_op("decode_step") is not None
 
 
 def engines(width: int, depth: int, n_adaln: int, seed: int) -> tuple[PackedTrunk, PackedTrunk]:
@@ -76,7 +76,7 @@ def test_generate_with_and_without_the_kernel(monkeypatch):
 
     kw = dict(sampler="euler_maruyama", steps=5, cfg=3.0)
     fast = model().generate([0, 1, 2], [3, 4, 5], **kw)
-    monkeypatch.setattr(head_engine, "flow_steps_op", lambda: None)
+    monkeypatch.setattr(head_engine, "native_op", lambda name: None)
     ref = model().generate([0, 1, 2], [3, 4, 5], **kw)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(fast.norm(dim=-1), torch.full(fast.shape[:2], 2.0), atol=1e-5)
@@ -84,7 +84,8 @@ def test_generate_with_and_without_the_kernel(monkeypatch):
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SPHEREGEN_NATIVE", "0")
-    assert kernels._load() is None
+    monkeypatch.setattr(kernels, "_LOADED", {})  # as in a fresh process
+    assert kernels.native_op("flow_steps") is None and kernels.native_op("decode_step") is None
 
 
 def test_a_failed_build_leaves_nothing_and_says_why(tmp_path, monkeypatch):

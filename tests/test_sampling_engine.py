@@ -231,10 +231,10 @@ def test_scripted_chunks_of_steps_equal_the_python_solver_on_the_engine(sampler,
     (bitwise), the kernel the same math (its fused update rounds differently), also across table chunks."""
     from spheregen.models import head_engine, kernels
 
-    if native and kernels.flow_steps_op() is None:
+    if native and kernels.native_op("flow_steps") is None:
         pytest.skip("the native kernel is not built here (no C++ compiler)")
     if not native:
-        monkeypatch.setattr(head_engine, "flow_steps_op", lambda: None)
+        monkeypatch.setattr(head_engine, "native_op", lambda name: None)
     head = random_head(seed=3)
     h = torch.randn(8, 8)
     noise = torch.randn(4 if scale else 8, noise_draws(sampler, 7), 3)

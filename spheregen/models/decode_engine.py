@@ -29,6 +29,7 @@ from torch import nn
 
 from spheregen.layers import KVCache
 from spheregen.models.head_engine import cached_by_weights
+from spheregen.models.kernels import native_op
 
 
 def _decode(x: torch.Tensor, rot: torch.Tensor, weights: List[torch.Tensor], keys: List[torch.Tensor],
@@ -87,12 +88,17 @@ class PackedDecoder:
                              t(blk.mlp.w13), t(blk.mlp.w2)]
         self.weights.append(model.norm.weight.detach())
         self.rotations = torch.polar(torch.ones_like(model.rope), model.rope)  # e^{i angle} [positions, hd/2]
+        self.cos_sin = torch.view_as_real(self.rotations).contiguous()  # [positions, hd/2, 2], the native kernel's
+        self.kernel = native_op("decode_step")
 
     def __call__(self, x: torch.Tensor, start: int, caches: list[KVCache]) -> torch.Tensor:
         """The final hidden state [N, C] of position `start` from its input x [N, C], the caches holding
         positions 0..start-1 (and taking `start`)."""
-        return _scripted()(x, self.rotations[start], self.weights, [c.k for c in caches], [c.v for c in caches],
-                           start, self.n_heads, self.eps)
+        keys, values = [c.k for c in caches], [c.v for c in caches]
+        if self.kernel is not None and all(k.is_contiguous() for k in keys + values):
+            return self.kernel(x.contiguous(), self.cos_sin[start], self.weights, keys, values, start, self.n_heads,
+                               self.eps)
+        return _scripted()(x, self.rotations[start], self.weights, keys, values, start, self.n_heads, self.eps)
 
 
 def _supported(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spheregen.models.kernels import flow_steps_op
+from spheregen.models.kernels import native_op
 
 T = TypeVar("T")
 
@@ -113,7 +113,7 @@ class PackedTrunk:
         self.per, self.eps = head.depth // head.n_adaln, head.final_norm.eps
         self.hidden = head.blocks[0].mlp.w2.in_features
         self.onednn = dtype == torch.bfloat16 and _mkldnn_bf16()
-        self.kernel = flow_steps_op() if dtype == torch.float32 else None  # the native fp32 loop, where built
+        self.kernel = native_op("flow_steps") if dtype == torch.float32 else None  # the native fp32 loop, where built
         block_dtype = dtype if dtype == torch.bfloat16 else torch.float32
 
         def pack(w: torch.Tensor, b: torch.Tensor, onednn: bool, dt: torch.dtype) -> list[torch.Tensor]:

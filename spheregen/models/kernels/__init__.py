@@ -1,10 +1,12 @@
 """Native CPU kernels, compiled once on the machine that runs them (issue 20).
 
-`flow_steps_op()` returns `torch.ops.spheregen_kernels.flow_steps` (flow_steps.cpp beside this file: the flow
-head's fp32 solver loop, with the elementwise work between the matrix products fused per row and the batch
-rows split between the intra-op threads). The first call builds it with the system C++ compiler against the
-installed torch (`c++ -O3 -march=native`, ~15 s) into `$SPHEREGEN_CACHE/kernels/<key>.so`, the key covering the
-source, torch's version, the flags and this CPU's features; later calls and processes load the built file.
+`native_op(name)` returns `torch.ops.spheregen_kernels.<name>` from the C++ files beside this file:
+`flow_steps` (flow_steps.cpp: the flow head's fp32 solver loop) and `decode_step` (decode_step.cpp: the
+transformer's one-token step over the KV cache). Both run the elementwise work between the matrix products as
+fused C++ loops and split the batch rows between the intra-op threads. The first call builds one library with
+the system C++ compiler against the installed torch (`c++ -O3 -march=native -fopenmp`, ~20 s) into
+`$SPHEREGEN_CACHE/kernels/<key>.so`, the key covering the sources, torch's version, the flags and this CPU's
+features; later calls and processes load the built file.
 The build runs under a file lock (the ranks of one job build it once) and writes a temporary name that is
 renamed when complete, so a killed build leaves nothing that looks finished.
 
@@ -29,37 +31,40 @@ import torch
 from spheregen.checkpoint import cache_root
 from spheregen.losses import say_once
 
-SOURCE = Path(__file__).with_name("flow_steps.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "flow_steps.cpp", HERE / "decode_step.cpp", HERE / "ops.cpp")
+HEADERS = (HERE / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
-_LOADED: dict[str, Callable | None] = {}
+_LOADED: dict[str, bool] = {}
 
 
-def flow_steps_op() -> Callable | None:
-    """torch.ops.spheregen_kernels.flow_steps, built and loaded on first use; None where unavailable."""
-    if "flow_steps" not in _LOADED:
-        _LOADED["flow_steps"] = _load()
-    return _LOADED["flow_steps"]
+def native_op(name: str) -> Callable | None:
+    """torch.ops.spheregen_kernels.<name>, the library built and loaded on first use; None where unavailable."""
+    if "library" not in _LOADED:
+        _LOADED["library"] = _load()
+    return _registered(name) if _LOADED["library"] else None
 
 
-def _registered() -> Callable | None:
+def _registered(name: str = "flow_steps") -> Callable | None:
     try:
-        return torch.ops.spheregen_kernels.flow_steps
+        return getattr(torch.ops.spheregen_kernels, name)
     except (AttributeError, RuntimeError):
         return None
 
 
-def _load() -> Callable | None:
+def _load() -> bool:
+    """Whether the library is loaded (built first where needed)."""
     if os.environ.get("SPHEREGEN_NATIVE", "1") == "0":
-        return None
+        return False
     if _registered() is None:
         try:
             torch.ops.load_library(str(build()))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
-            say_once(f"spheregen: the native CPU sampling kernel is unavailable ({reason}); sampling runs the "
+            say_once(f"spheregen: the native CPU sampling kernels are unavailable ({reason}); sampling runs the "
                      "TorchScript path (same results, slower). Set SPHEREGEN_NATIVE=0 to skip the build.")
-            return None
-    return _registered()
+            return False
+    return _registered() is not None
 
 
 def _cpu_features() -> str:
@@ -75,8 +80,8 @@ def _cpu_features() -> str:
 
 def build_key(compiler: str) -> str:
     """A short hash of everything the built library depends on."""
-    parts = [SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(FLAGS).encode(),
-             _cpu_features().encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode()]
+    parts = [*(f.read_bytes() for f in (*SOURCES, *HEADERS)), torch.__version__.encode(), compiler.encode(),
+             " ".join(FLAGS).encode(), _cpu_features().encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
@@ -104,17 +109,17 @@ def build(out_dir: Path | None = None) -> Path:
         raise OSError("no C++ compiler found (install g++ or set CXX)")
     out_dir = Path(out_dir) if out_dir is not None else cache_root() / "kernels"
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"flow_steps-{build_key(compiler)}.so"
+    target = out_dir / f"sampling-{build_key(compiler)}.so"
     with _locked(out_dir / f"{target.stem}.lock"):
         if target.exists():
             return target
-        say_once(f"spheregen: compiling the CPU sampling kernel once for this machine (~15 s) into {out_dir}")
+        say_once(f"spheregen: compiling the CPU sampling kernels once for this machine (~20 s) into {out_dir}")
         from torch.utils.cpp_extension import include_paths, library_paths
 
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-I{p}" for p in include_paths()], str(SOURCE), *[f"-L{p}" for p in library_paths()],
+               *[f"-I{p}" for p in include_paths()], *map(str, SOURCES), *[f"-L{p}" for p in library_paths()],
                "-lc10", "-ltorch_cpu", "-o", tmp]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -18,8 +18,8 @@
 //   gate; the final layer m[K - 2] (1 + scale), m[K - 1] shift.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,38 +29,7 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-
-// Sum of x[0..n) in kLanes partial sums: the compiler vectorises it without reassociating anything itself.
-float lane_sum(const float* x, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[i + l];
-  float total = 0.f;
-  for (; i < n; ++i) total += x[i];
-  for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
-
-// e^x for the SiLU: Cody-Waite reduction x = n ln2 + r and a degree-7 polynomial (|rel err| ~ 1e-7).
-inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.9841270e-4f;
-  p = p * r + 1.3888889e-3f;
-  p = p * r + 8.3333333e-3f;
-  p = p * r + 4.1666667e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
+using namespace spheregen_kernels;
 
 // out = (LN(z) [* ln_w + ln_b]) * mul + add, for one row of C (ln_w null: no affine).
 void norm_modulate(const float* z, const float* ln_w, const float* ln_b, const float* mul, const float* add,
@@ -138,8 +107,7 @@ void res_block(const Problem& P, Rows& rows, int64_t i, int64_t k) {
     const float* ur = u + row * 2 * H;
     float* gr = g + row * H;
     for (int64_t c = 0; c < H; ++c) {
-      const float a = ur[c] + b13[c];
-      gr[c] = a / (1.0f + exp_poly(-a)) * (ur[H + c] + b13[H + c]);
+      gr[c] = silu(ur[c] + b13[c]) * (ur[H + c] + b13[H + c]);
     }
   }
   at::mm_out(rows.o, rows.g, P.t[8 + 6 * k]);  // [M, C]
@@ -198,7 +166,9 @@ void run_rows(const Problem& P, Rows& rows) {
   }
 }
 
-at::Tensor flow_steps(at::Tensor x, const at::Tensor& mods, c10::ArrayRef<double> coefs,
+}  // namespace
+
+at::Tensor spheregen_kernels::flow_steps(at::Tensor x, const at::Tensor& mods, c10::ArrayRef<double> coefs,
                       const c10::optional<at::Tensor>& noise, at::TensorList weights, int64_t per, int64_t hidden,
                       double eps, c10::optional<double> scale) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [N, d]");
@@ -233,22 +203,9 @@ at::Tensor flow_steps(at::Tensor x, const at::Tensor& mods, c10::ArrayRef<double
                 "noise: fp32 [N, n, d] with contiguous d");
     P.noise = noise->data_ptr<float>(), P.noise_row = noise->stride(0), P.noise_step = noise->stride(1);
   }
-  // one part of the rows per thread; at::parallel_for runs them on the intra-op threads (inline when 1)
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P.N));
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      Rows rows(P, x, P.N * p / parts, P.N * (p + 1) / parts - P.N * p / parts);
-      run_rows(P, rows);
-    }
+  for_row_parts(P.N, [&](int64_t first, int64_t count) {
+    Rows rows(P, x, first, count);
+    run_rows(P, rows);
   });
   return x;
 }
-
-}  // namespace
-
-TORCH_LIBRARY(spheregen_kernels, lib) {
-  lib.def("flow_steps(Tensor(a!) x, Tensor mods, float[] coefs, Tensor? noise, Tensor[] weights, int per, "
-          "int hidden, float eps, float? scale) -> Tensor(a!)");
-}
-
-TORCH_LIBRARY_IMPL(spheregen_kernels, CPU, lib) { lib.impl("flow_steps", &flow_steps); }
