@@ -113,3 +113,13 @@ def test_the_build_is_cached_by_its_key(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-DSPHEREGEN_OTHER_FLAGS"))
     with pytest.raises(AssertionError, match="rebuilt"):
         kernels.build(tmp_path)  # other flags: another key, another build
+
+
+def test_an_unwritable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # $SPHEREGEN_CACHE/kernels cannot be made under a file
+    monkeypatch.setenv("SPHEREGEN_CACHE", str(blocked))
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert kernels._writable_cache().parent == tmp_path / "tmp"
+    monkeypatch.setenv("SPHEREGEN_CACHE", str(tmp_path / "cache"))
+    assert kernels._writable_cache() == tmp_path / "cache" / "kernels"

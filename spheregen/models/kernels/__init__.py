@@ -101,13 +101,25 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _writable_cache() -> Path:
+    """$SPHEREGEN_CACHE/kernels, or a per-user folder under the temp dir where that cannot be written."""
+    try:
+        path = cache_root() / "kernels"
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"spheregen-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
 def build(out_dir: Path | None = None) -> Path:
     """The kernel library for this machine: built into out_dir (default $SPHEREGEN_CACHE/kernels) unless a
     complete one is already there. Raises OSError when no compiler is found, RuntimeError when the build fails."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise OSError("no C++ compiler found (install g++ or set CXX)")
-    out_dir = Path(out_dir) if out_dir is not None else cache_root() / "kernels"
+    out_dir = Path(out_dir) if out_dir is not None else _writable_cache()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"sampling-{build_key(compiler)}.so"
     with _locked(out_dir / f"{target.stem}.lock"):
