@@ -7,11 +7,12 @@ fused C++ loops and split the batch rows between the intra-op threads. The first
 the system C++ compiler against the installed torch (`c++ -O3 -march=native -fopenmp`, ~20 s) into
 `$SPHEREGEN_CACHE/kernels/<key>.so`, the key covering the sources, torch's version, the flags and this CPU's
 features; later calls and processes load the built file.
-The build runs under a file lock (the ranks of one job build it once) and writes a temporary name that is
-renamed when complete, so a killed build leaves nothing that looks finished.
+The build runs under a file lock (the ranks of one job build it once) and writes `<key>.partial`, renamed to
+`<key>.so` when complete, so a killed build leaves nothing that looks finished.
 
-It returns None where the kernel cannot be had (no compiler, a failed build, SPHEREGEN_NATIVE=0), saying so
-once on stderr; callers then run the TorchScript path of models/head_engine.py, the same math, slower.
+It returns None where the kernels cannot be had (no compiler, a failed build, SPHEREGEN_NATIVE=0), saying so
+once on stderr; callers then run the TorchScript paths of models/head_engine.py and models/decode_engine.py, the
+same math, slower.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def build(out_dir: Path | None = None) -> Path:
         say_once(f"spheregen: compiling the CPU sampling kernels once for this machine (~20 s) into {out_dir}")
         from torch.utils.cpp_extension import include_paths, library_paths
 
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        fd, tmp = tempfile.mkstemp(prefix=f"{target.stem}.", suffix=".partial", dir=out_dir)
         os.close(fd)
         cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{p}" for p in include_paths()], *map(str, SOURCES), *[f"-L{p}" for p in library_paths()],
