@@ -69,6 +69,17 @@ inline float lane_dot(const float* x, const float* y, int64_t n) {
   return total + tree_sum(acc);
 }
 
+// sum of (x - mean)^2 over x[0..n), in kLanes partial sums (the variance's numerator).
+inline float centred_square_sum(const float* x, int64_t n, float mean) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += (x[i + l] - mean) * (x[i + l] - mean);
+  float total = 0.f;
+  for (; i < n; ++i) total += (x[i] - mean) * (x[i] - mean);
+  return total + tree_sum(acc);
+}
+
 inline float silu(float a) { return a / (1.0f + exp_poly(-a)); }
 
 // Rows [0, N) as one contiguous part per intra-op thread: fn(first_row, count) on each, the parts in parallel

@@ -35,19 +35,7 @@ using namespace spheregen_kernels;
 void norm_modulate(const float* z, const float* ln_w, const float* ln_b, const float* mul, const float* add,
                    float* out, int64_t C, float eps) {
   const float mean = lane_sum(z, C) / C;
-  float var = 0.f;
-  {
-    float acc[kLanes] = {0.f};
-    int64_t i = 0;
-    for (; i + kLanes <= C; i += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float v = z[i + l] - mean;
-        acc[l] += v * v;
-      }
-    for (; i < C; ++i) var += (z[i] - mean) * (z[i] - mean);
-    for (int64_t l = 0; l < kLanes; ++l) var += acc[l];
-  }
-  const float rstd = 1.0f / std::sqrt(var / C + eps);
+  const float rstd = 1.0f / std::sqrt(centred_square_sum(z, C, mean) / C + eps);
   if (ln_w != nullptr) {
     for (int64_t c = 0; c < C; ++c) out[c] = ((z[c] - mean) * rstd * ln_w[c] + ln_b[c]) * mul[c] + add[c];
   } else {
