@@ -123,3 +123,14 @@ def test_an_unwritable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
     assert kernels._writable_cache().parent == tmp_path / "tmp"
     monkeypatch.setenv("SPHEREGEN_CACHE", str(tmp_path / "cache"))
     assert kernels._writable_cache() == tmp_path / "cache" / "kernels"
+
+
+@needs_kernel
+def test_openmp_is_used_where_the_compiler_takes_it(tmp_path):
+    real = shutil.which("c++") or shutil.which("g++")
+    assert kernels.OPENMP in kernels.compile_flags(real)
+    picky = tmp_path / "no-openmp-c++"  # a compiler that refuses -fopenmp, like Apple's clang
+    picky.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && exit 1; done\nexec {real} "$@"\n')
+    picky.chmod(0o755)
+    assert kernels.compile_flags(str(picky)) == kernels.FLAGS
+    assert kernels.build_key(real, kernels.FLAGS) != kernels.build_key(real, kernels.compile_flags(real))

@@ -4,7 +4,8 @@
 `flow_steps` (flow_steps.cpp: the flow head's fp32 solver loop) and `decode_step` (decode_step.cpp: the
 transformer's one-token step over the KV cache). Both run the elementwise work between the matrix products as
 fused C++ loops and split the batch rows between the intra-op threads. The first call builds one library with
-the system C++ compiler against the installed torch (`c++ -O3 -march=native -fopenmp`, ~20 s) into
+the system C++ compiler against the installed torch (`c++ -O3 -march=native -fopenmp`, ~20 s; without OpenMP
+where the compiler lacks it) into
 `$SPHEREGEN_CACHE/kernels/<key>.so`, the key covering the sources, torch's version, the flags and this CPU's
 features; later calls and processes load the built file.
 The build runs under a file lock (the ranks of one job build it once) and writes `<key>.partial`, renamed to
@@ -17,6 +18,7 @@ same math, slower.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -35,7 +37,8 @@ from spheregen.losses import say_once
 HERE = Path(__file__).parent
 SOURCES = (HERE / "flow_steps.cpp", HERE / "decode_step.cpp", HERE / "ops.cpp")
 HEADERS = (HERE / "common.h",)
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++20", "-shared", "-fPIC", "-w")
+OPENMP = "-fopenmp"  # the row split's threads (ATen's parallel_for is OpenMP inlined into this library)
 _LOADED: dict[str, bool] = {}
 
 
@@ -79,10 +82,23 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_key(compiler: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _takes_openmp(compiler: str) -> bool:
+    probe = subprocess.run([compiler, OPENMP, "-x", "c++", "-", "-fsyntax-only"], input="int main() { return 0; }",
+                           capture_output=True, text=True, timeout=60)
+    return probe.returncode == 0
+
+
+def compile_flags(compiler: str) -> tuple[str, ...]:
+    """FLAGS, with OpenMP where the compiler takes it (Apple's clang does not: the kernels then run their row
+    parts one after the other, on one thread, still fused)."""
+    return (*FLAGS, OPENMP) if _takes_openmp(compiler) else FLAGS
+
+
+def build_key(compiler: str, flags: tuple[str, ...]) -> str:
     """A short hash of everything the built library depends on."""
     parts = [*(f.read_bytes() for f in (*SOURCES, *HEADERS)), torch.__version__.encode(), compiler.encode(),
-             " ".join(FLAGS).encode(), _cpu_features().encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode()]
+             " ".join(flags).encode(), _cpu_features().encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
@@ -122,7 +138,8 @@ def build(out_dir: Path | None = None) -> Path:
         raise OSError("no C++ compiler found (install g++ or set CXX)")
     out_dir = Path(out_dir) if out_dir is not None else _writable_cache()
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"sampling-{build_key(compiler)}.so"
+    flags = compile_flags(compiler)
+    target = out_dir / f"sampling-{build_key(compiler, flags)}.so"
     with _locked(out_dir / f"{target.stem}.lock"):
         if target.exists():
             return target
@@ -131,7 +148,7 @@ def build(out_dir: Path | None = None) -> Path:
 
         fd, tmp = tempfile.mkstemp(prefix=f"{target.stem}.", suffix=".partial", dir=out_dir)
         os.close(fd)
-        cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        cmd = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{p}" for p in include_paths()], *map(str, SOURCES), *[f"-L{p}" for p in library_paths()],
                "-lc10", "-ltorch_cpu", "-o", tmp]
         try:
