@@ -82,6 +82,16 @@ inline float centred_square_sum(const float* x, int64_t n, float mean) {
 
 inline float silu(float a) { return a / (1.0f + exp_poly(-a)); }
 
+// SwiGLU's gate for one row: g[c] = SiLU(u[c] + bias[c]) (u[H + c] + bias[H + c]), u holding the two inputs side
+// by side; bias null: none.
+inline void silu_gate(const float* u, const float* bias, float* g, int64_t H) {
+  if (bias == nullptr) {
+    for (int64_t c = 0; c < H; ++c) g[c] = silu(u[c]) * u[H + c];
+  } else {
+    for (int64_t c = 0; c < H; ++c) g[c] = silu(u[c] + bias[c]) * (u[H + c] + bias[H + c]);
+  }
+}
+
 // Rows [0, N) as one contiguous part per intra-op thread: fn(first_row, count) on each, the parts in parallel
 // (inline with one thread). A part's products then run single-threaded, with no waiting between its ops.
 template <typename Fn>

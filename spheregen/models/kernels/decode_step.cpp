@@ -106,8 +106,7 @@ void run_rows(const Step& S, const at::Tensor& x_all, at::Tensor& out_all, int64
     at::mm_out(u, h, w[4]);  // [nb, 2 hidden]: SwiGLU's two inputs side by side
     const float* pu = u.data_ptr<float>();
     float* pg = g.data_ptr<float>();
-    for (int64_t r = 0; r < nb; ++r)
-      for (int64_t c = 0; c < S.hidden; ++c) pg[r * S.hidden + c] = silu(pu[r * H2 + c]) * pu[r * H2 + S.hidden + c];
+    for (int64_t r = 0; r < nb; ++r) silu_gate(pu + r * H2, nullptr, pg + r * S.hidden, S.hidden);
     at::mm_out(tmp, g, w[5]);
     for (int64_t e = 0; e < nb * C; ++e) px[e] += pt[e];
   }
@@ -116,8 +115,9 @@ void run_rows(const Step& S, const at::Tensor& x_all, at::Tensor& out_all, int64
 
 }  // namespace
 
-at::Tensor spheregen_kernels::decode_step(const at::Tensor& x, const at::Tensor& rot, at::TensorList weights, at::TensorList keys,
-                       at::TensorList values, int64_t pos, int64_t n_heads, double eps) {
+at::Tensor spheregen_kernels::decode_step(const at::Tensor& x, const at::Tensor& rot, at::TensorList weights,
+                                          at::TensorList keys, at::TensorList values, int64_t pos, int64_t n_heads,
+                                          double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous fp32 [N, C]");
   Step S;
   S.C = x.size(1), S.H = n_heads, S.hd = S.C / n_heads, S.pos = pos, S.eps = static_cast<float>(eps);

@@ -91,13 +91,7 @@ void res_block(const Problem& P, Rows& rows, int64_t i, int64_t k) {
   float *z = rows.z.data_ptr<float>(), *u = rows.u.data_ptr<float>(), *g = rows.g.data_ptr<float>();
   modulate_rows(P, rows, z, rows.h.data_ptr<float>(), i, j, j + 1, P.w[4 + 6 * k], P.w[5 + 6 * k]);
   at::mm_out(rows.u, rows.h, P.t[6 + 6 * k]);  // [M, 2H]: SwiGLU's two inputs side by side
-  for (int64_t row = 0; row < M; ++row) {
-    const float* ur = u + row * 2 * H;
-    float* gr = g + row * H;
-    for (int64_t c = 0; c < H; ++c) {
-      gr[c] = silu(ur[c] + b13[c]) * (ur[H + c] + b13[H + c]);
-    }
-  }
+  for (int64_t row = 0; row < M; ++row) silu_gate(u + row * 2 * H, b13, g + row * H, H);
   at::mm_out(rows.o, rows.g, P.t[8 + 6 * k]);  // [M, C]
   const float* o = rows.o.data_ptr<float>();
   for (int64_t r = 0; r < P.R; ++r)
@@ -157,8 +151,8 @@ void run_rows(const Problem& P, Rows& rows) {
 }  // namespace
 
 at::Tensor spheregen_kernels::flow_steps(at::Tensor x, const at::Tensor& mods, c10::ArrayRef<double> coefs,
-                      const c10::optional<at::Tensor>& noise, at::TensorList weights, int64_t per, int64_t hidden,
-                      double eps, c10::optional<double> scale) {
+                                         const c10::optional<at::Tensor>& noise, at::TensorList weights, int64_t per,
+                                         int64_t hidden, double eps, c10::optional<double> scale) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [N, d]");
   TORCH_CHECK(mods.dim() == 5 && mods.stride(4) == 1 && mods.scalar_type() == at::kFloat, "mods: [n, K, R, N, C]");
   Problem P;
